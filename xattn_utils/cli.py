@@ -1,0 +1,109 @@
+"""The ``xattn`` command line: a thin front door over the library's verbs."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="xattn", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("models", help="list the bundled models and whether they are ready")
+    p.add_argument("--prepare", action="store_true", help="convert the bundled models now")
+    p.set_defaults(func=_models)
+
+    p = sub.add_parser("transcribe", help="print path<TAB>text for each audio file")
+    _model_args(p)
+    p.add_argument("files", nargs="+")
+    p.set_defaults(func=_transcribe)
+
+    p = sub.add_parser("attention", help="cross-attention per utterance of a corpus")
+    _model_args(p)
+    _data_args(p)
+    p.set_defaults(func=_attention)
+
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except (ValueError, FileNotFoundError) as err:  # our errors name the problem: no traceback
+        print(f"xattn {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="tiny.en", help="bundled name, local folder or hub id")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+    p.add_argument("--task", default="transcribe", choices=["transcribe", "translate"])
+    p.add_argument("--language", default=None, help="source language code (multilingual models)")
+
+
+def _data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", default="demo", help="'demo', a folder of audio or a TSV manifest")
+    p.add_argument("--subset", default=None, help="demo subset: synthetic or real")
+    p.add_argument("--limit", type=int, default=None, help="first N utterances only")
+    p.add_argument("--out", required=True, type=Path, help="output folder")
+
+
+def _models(args: argparse.Namespace) -> None:
+    from .models import available_models, cache_dir, load_model
+
+    for name in available_models():
+        ready = any(cache_dir().glob(f"{name}*/model.safetensors"))
+        if args.prepare and not ready:
+            load_model(name, device="cpu")
+            ready = True
+        print(f"{name}\t{'converted' if ready else 'not converted yet'}\t{cache_dir()}")
+
+
+def _transcribe(args: argparse.Namespace) -> None:
+    from .decode import decode
+    from .models import load_model
+
+    loaded = load_model(args.model, args.device)
+    for path in args.files:
+        tr = decode(loaded, path, task=args.task, language=args.language)
+        print(f"{path}\t{tr.text}", flush=True)
+
+
+def _attention(args: argparse.Namespace) -> None:
+    import pandas as pd
+    from safetensors.torch import save_file
+
+    from .attention import cross_attention
+    from .data import load_corpus
+    from .models import load_model
+
+    loaded = load_model(args.model, args.device)
+    corpus = load_corpus(args.data, subset=args.subset, limit=args.limit)
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for utt in tqdm(corpus, desc=f"attention {loaded.name}"):
+        language = args.language or utt.language
+        ca = cross_attention(loaded, utt.load(), task=args.task, language=_lang(loaded, language))
+        path = args.out / f"{utt.id}.safetensors"
+        save_file({"cross_attention": ca.scores}, str(path))
+        rows.append(
+            {
+                "id": utt.id,
+                "file": path.name,
+                "text": ca.transcript.text,
+                "tokens": len(ca.tokens),
+                "enc_frames": ca.scores.shape[-1],
+                "duration": ca.duration,
+            }
+        )
+    pd.DataFrame(rows).to_csv(args.out / "index.csv", index=False)
+    print(f"wrote {len(rows)} utterances to {args.out}")
+
+
+def _lang(loaded, language: str | None) -> str | None:
+    return language if loaded.multilingual else None
+
+
+if __name__ == "__main__":
+    sys.exit(main())
