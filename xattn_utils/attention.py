@@ -82,7 +82,7 @@ def all_heads(scores: torch.Tensor) -> list[tuple[int, int]]:
 
 
 def head_mean(scores: torch.Tensor, heads: Heads | None = None) -> torch.Tensor:
-    """Plain mean of CA over (layer, head) pairs (all when ``None``). shape = (tokens, enc_frames)."""
+    """Mean of CA over (layer, head) pairs (all when ``None``). shape = (tokens, enc_frames)."""
     if heads is None:
         return scores.mean(dim=(0, 1))
     pairs = list(heads)

@@ -56,10 +56,11 @@ def pool_to_enc(
     number of mel frames the last enc frame pools the single leftover frame (``ceil_mode``).
     """
     x = _tensor(sm_x)
-    if x.ndim != 3:
-        raise ValueError(f"SM_X must be (tokens, mel_frames, mel_bins), got {tuple(x.shape)}")
-    if factor < 1 or x.shape[1] == 0:
-        raise ValueError(f"need factor >= 1 and mel_frames > 0, got {factor}, {x.shape[1]}")
+    if x.ndim != 3 or x.shape[1] == 0 or factor < 1 or how not in ("max", "mean", "sum"):
+        raise ValueError(
+            f"need SM_X (tokens, mel_frames > 0, mel_bins), factor >= 1 and how max|mean|sum; "
+            f"got {tuple(x.shape)}, {factor}, {how!r}"
+        )
     n_tok, n_mel, n_bins = x.shape
     n_enc = math.ceil(n_mel / factor)
     pad = n_enc * factor - n_mel
@@ -67,8 +68,6 @@ def pool_to_enc(
     blocks = x.reshape(n_tok, n_enc, factor * n_bins)
     if how == "max":
         return blocks.amax(-1)
-    if how not in ("mean", "sum"):
-        raise ValueError(f"how must be 'max', 'mean' or 'sum', got {how!r}")
     total = blocks.sum(-1)
     if how == "sum":
         return total
@@ -168,17 +167,7 @@ def ca_views(
     if x.ndim != 4:
         raise ValueError(f"CA must be (layers, heads, tokens, enc_frames), got {tuple(x.shape)}")
     specs = view_specs(x.shape[0], x.shape[1], alignment_heads=alignment_heads, extra=extra)
-    return {v.name: _view_map(x, v) for v in specs}
-
-
-def _view_map(x: torch.Tensor, v: View) -> torch.Tensor:
-    if v.kind == "all":
-        return x.mean((0, 1))
-    if v.kind == "layer":
-        return x[v.layer].mean(0)
-    if v.kind == "head":
-        return x[v.layer, v.head]
-    return ca_view(x, v.heads)
+    return {v.name: ca_view(x, v.heads) for v in specs}
 
 
 # -- correlations -------------------------------------------------------------------------------
@@ -263,7 +252,7 @@ def _prepare(
     mask = torch.as_tensor(np.asarray(special, dtype=bool))
     if not (x.shape[2] == s.shape[0] == mask.numel()):
         raise ValueError(
-            f"token counts differ: CA {x.shape[2]}, saliency {s.shape[0]}, special {mask.numel()}"
+            f"token counts differ: CA {x.shape[2]}, sm {s.shape[0]}, special {len(mask)}"
         )
     if not include_special:
         x, s = x[:, :, ~mask], s[~mask]
@@ -271,10 +260,13 @@ def _prepare(
     return x[..., :n], s[:, :n].to(x.device), name
 
 
-def _rows(stack: torch.Tensor, sm: torch.Tensor, method: Method) -> dict[str, np.ndarray]:
-    r = token_correlations(stack, sm, method=method)  # (views, tokens)
-    mean, n, n_nan = _summarise(r)
-    return {"r": mean, "n_tokens": n, "n_nan": n_nan}
+def _frame(
+    stacks: list[torch.Tensor], sm: torch.Tensor, method: Method, labels: dict
+) -> pd.DataFrame:
+    """Tidy rows: ``labels`` columns, then mean r, n_tokens and n_nan of each stacked view."""
+    r = np.concatenate([token_correlations(st, sm, method=method) for st in stacks])
+    mean, n, n_nan = _summarise(r)  # r: (views, tokens)
+    return pd.DataFrame({**labels, "method": method, "r": mean, "n_tokens": n, "n_nan": n_nan})
 
 
 def compare_maps(
@@ -310,23 +302,17 @@ def compare_maps(
         specs = [by_name[n] for n in views]
     if not specs:
         raise ValueError("views is empty")
-    parts = []
-    for i in range(0, len(specs), _CHUNK):
-        stack = torch.stack([_view_map(x, v) for v in specs[i : i + _CHUNK]])
-        parts.append(pd.DataFrame(_rows(stack, s, method)))
-    scores = pd.concat(parts, ignore_index=True)
-    meta = pd.DataFrame(
-        {
-            "utterance": utterance,
-            "map_name": map_name or default_name,
-            "view": [v.name for v in specs],
-            "kind": [v.kind for v in specs],
-            "layer": pd.array([v.layer for v in specs], dtype="Int64"),
-            "head": pd.array([v.head for v in specs], dtype="Int64"),
-            "method": method,
-        }
-    )
-    return pd.concat([meta, scores], axis=1)
+    chunks = [specs[i : i + _CHUNK] for i in range(0, len(specs), _CHUNK)]
+    stacks = [torch.stack([ca_view(x, v.heads) for v in chunk]) for chunk in chunks]
+    labels = {
+        "utterance": utterance,
+        "map_name": map_name or default_name,
+        "view": [v.name for v in specs],
+        "kind": [v.kind for v in specs],
+        "layer": pd.array([v.layer for v in specs], dtype="Int64"),
+        "head": pd.array([v.head for v in specs], dtype="Int64"),
+    }
+    return _frame(stacks, s, method, labels)
 
 
 def cumulative_layers(
@@ -356,22 +342,22 @@ def cumulative_layers(
     stack = torch.cat([layer_means.cumsum(0) / counts, x.mean((0, 1))[None]])
     spans = [(n_layers - 1 - k, n_layers - 1) if from_top else (0, k) for k in range(n_layers)]
     spans.append((0, n_layers - 1))
-    meta = pd.DataFrame(
-        {
-            "utterance": utterance,
-            "map_name": map_name or default_name,
-            "view": [f"L{a}-L{b}" for a, b in spans[:-1]] + ["all"],
-            "kind": ["cumulative"] * n_layers + ["all"],
-            "first_layer": [a for a, _ in spans],
-            "last_layer": [b for _, b in spans],
-            "n_layers": [b - a + 1 for a, b in spans],
-            "method": method,
-        }
-    )
-    return pd.concat([meta, pd.DataFrame(_rows(stack, s, method))], axis=1)
+    labels = {
+        "utterance": utterance,
+        "map_name": map_name or default_name,
+        "view": [f"L{a}-L{b}" for a, b in spans[:-1]] + ["all"],
+        "kind": ["cumulative"] * n_layers + ["all"],
+        "first_layer": [a for a, _ in spans],
+        "last_layer": [b for _, b in spans],
+        "n_layers": [b - a + 1 for a, b in spans],
+    }
+    return _frame([stack], s, method, labels)
 
 
 # -- corpus level -------------------------------------------------------------------------------
+
+
+_DEFAULT_BY = ("map_name", "kind", "view", "layer", "head")
 
 
 @dataclass(frozen=True)
@@ -408,7 +394,7 @@ def bootstrap_ci(
 def corpus_table(
     df: pd.DataFrame,
     *,
-    by: Sequence[str] = ("map_name", "kind", "view", "layer", "head"),
+    by: Sequence[str] = _DEFAULT_BY,
     value: str = "r",
     n_boot: int = 2000,
     level: float = 0.95,
@@ -416,10 +402,10 @@ def corpus_table(
 ) -> pd.DataFrame:
     """Mean, bootstrap CI, ``n`` and ``n_nan`` of ``value`` per group, resampling utterances.
 
-    If ``df`` has a fully filled ``utterance`` column, rows are first averaged per utterance
-    within a group (so ``by=["kind"]`` gives one value per utterance, not per head); otherwise
-    each row counts as one utterance. ``n_tokens`` and ``n_nan_tokens`` sum the per-row token
-    counts when present. Groups keep their first-seen order.
+    ``by`` defaults to those of ``map_name, kind, view, layer, head`` that ``df`` has. With a
+    fully filled ``utterance`` column, rows are first averaged per utterance within a group
+    (skipping NaN), so ``by=["kind"]`` resamples utterances, not heads; otherwise each row is
+    one utterance. ``n_tokens`` and ``n_nan_tokens`` sum the rows' token counts when present.
     """
     by = [c for c in by if c in df.columns] if tuple(by) == _DEFAULT_BY else list(by)
     units = "utterance" in df.columns and df["utterance"].notna().all()
@@ -434,6 +420,3 @@ def corpus_table(
             row["n_nan_tokens"] = int(g["n_nan"].sum())
         rows.append(row)
     return pd.DataFrame(rows)
-
-
-_DEFAULT_BY = ("map_name", "kind", "view", "layer", "head")

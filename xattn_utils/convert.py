@@ -25,15 +25,35 @@ from transformers import WhisperConfig, WhisperForConditionalGeneration
 
 BINARY_VERSION = 6
 DTYPES = {0: "<f4", 1: "i1", 2: "<i2", 3: "<i4", 4: "<f2", 5: "<u2"}  # 5: bfloat16 bits
-GELU = 3  # CTranslate2's ActivationType::GELU
 # CTranslate2 scalars that must hold these values for the transformers architecture to match.
 EXPECTED_SCALARS = {
-    "decoder/activation": GELU,
+    "decoder/activation": 3,  # ActivationType::GELU
     "decoder/pre_norm": 1,
     "decoder/alibi": 0,
     "decoder/scale_embeddings": 0,
     "decoder/start_from_zero_embedding": 0,
 }
+
+# CTranslate2 -> transformers names, applied in order (self_attention before attention); "qkv"
+# and "kv" mark fused projections that to_state_dict splits.
+RENAMES = [
+    (r"^(encoder|decoder)/position_encodings/encodings", r"model.\1.embed_positions.weight"),
+    (r"^decoder/embeddings/", "model.decoder.embed_tokens/"),
+    (r"^(encoder|decoder)/layer_(\d+)/", r"model.\1.layers.\2."),
+    (r"^(encoder|decoder)/", r"model.\1."),
+    (r"self_attention/linear_0", "self_attn.qkv"),
+    (r"self_attention/linear_1", "self_attn.out_proj"),
+    (r"self_attention/layer_norm", "self_attn_layer_norm"),
+    (r"attention/linear_0", "encoder_attn.q_proj"),
+    (r"attention/linear_1", "encoder_attn.kv"),
+    (r"attention/linear_2", "encoder_attn.out_proj"),
+    (r"attention/layer_norm", "encoder_attn_layer_norm"),
+    (r"ffn/linear_0", "fc1"),
+    (r"ffn/linear_1", "fc2"),
+    (r"ffn/layer_norm", "final_layer_norm"),
+    (r"gamma$", "weight"),
+    (r"beta$", "bias"),
+]
 
 Parts = str | Path | Sequence[str | Path]
 
@@ -174,59 +194,31 @@ def whisper_config(
     )
 
 
-def _check_zero(key_bias: np.ndarray, name: str) -> None:
-    """Raise unless the key part of a fused bias is zero (transformers' k_proj has no bias)."""
-    if np.any(key_bias):
-        raise ConversionError(f"{name}: key bias is not zero (max {np.abs(key_bias).max()})")
+def to_state_dict(variables: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    """Map CTranslate2 variables to ``WhisperForConditionalGeneration`` keys, as float32.
 
-
-def to_state_dict(
-    variables: dict[str, np.ndarray], config: WhisperConfig
-) -> dict[str, torch.Tensor]:
-    """Map CTranslate2 variables to ``WhisperForConditionalGeneration`` keys, as float32."""
-    d = config.d_model
+    Fused projections are split (self-attention q/k/v, cross-attention k/v); the key bias,
+    which transformers does not have, must be zero. Integer scalars are skipped (they are
+    config) and ``proj_out.weight`` is the decoder embedding, as in the tied original.
+    """
     sd: dict[str, np.ndarray] = {}
-    norm = {"gamma": "weight", "beta": "bias"}
-    ffn = {"linear_0": "fc1", "linear_1": "fc2", "layer_norm": "final_layer_norm"}
     for var, value in variables.items():
         if not np.issubdtype(value.dtype, np.floating) or var == "decoder/projection/weight":
-            continue  # integer scalars are config; the projection is tied to the embeddings
-        parts = var.split("/")
-        stack, leaf = parts[0], norm.get(parts[-1], parts[-1])
-        if parts[1] in ("conv1", "conv2", "layer_norm"):
-            sd[f"model.{stack}.{parts[1]}.{leaf}"] = value
-        elif parts[1] == "position_encodings":
-            sd[f"model.{stack}.embed_positions.weight"] = value
-        elif parts[1] == "embeddings":
-            sd["model.decoder.embed_tokens.weight"] = value
-        elif parts[1].startswith("layer_"):
-            pre = f"model.{stack}.layers.{parts[1][6:]}."
-            block, sub = parts[2], parts[3]
-            if block == "ffn":
-                sd[pre + f"{ffn[sub]}.{leaf}"] = value
-            elif sub == "layer_norm":
-                attn = "self_attn" if block == "self_attention" else "encoder_attn"
-                sd[pre + f"{attn}_layer_norm.{leaf}"] = value
-            elif block == "self_attention" and sub == "linear_0":  # fused q, k, v
-                if leaf == "bias":
-                    _check_zero(value[d : 2 * d], var)
-                for i, proj in enumerate(("q", "k", "v")):
-                    if not (proj == "k" and leaf == "bias"):
-                        sd[pre + f"self_attn.{proj}_proj.{leaf}"] = value[i * d : (i + 1) * d]
-            elif block == "self_attention":  # linear_1
-                sd[pre + f"self_attn.out_proj.{leaf}"] = value
-            else:  # decoder cross-attention: linear_0 q, linear_1 fused k/v, linear_2 out
-                if sub == "linear_1" and leaf == "bias":
-                    _check_zero(value[:d], var)
-                    sd[pre + "encoder_attn.v_proj.bias"] = value[d:]
-                elif sub == "linear_1":
-                    sd[pre + "encoder_attn.k_proj.weight"] = value[:d]
-                    sd[pre + "encoder_attn.v_proj.weight"] = value[d:]
-                else:
-                    proj = {"linear_0": "q_proj", "linear_2": "out_proj"}[sub]
-                    sd[pre + f"encoder_attn.{proj}.{leaf}"] = value
-        else:
-            raise ConversionError(f"no transformers name for CTranslate2 variable {var}")
+            continue
+        name = var
+        for pattern, replacement in RENAMES:
+            name = re.sub(pattern, replacement, name)
+        name = name.replace("/", ".")
+        if not (fused := re.search(r"\.(qkv|kv)\.", name)):
+            sd[name] = value
+            continue
+        for proj, chunk in zip(fused[1], np.split(value, len(fused[1])), strict=True):
+            key = name.replace(fused[0], f".{proj}_proj.")
+            if key.endswith("k_proj.bias"):
+                if np.any(chunk):
+                    raise ConversionError(f"{var}: key bias is not zero, transformers has none")
+                continue
+            sd[key] = chunk
     out = {k: torch.from_numpy(v.astype(np.float32)) for k, v in sd.items()}
     out["proj_out.weight"] = out["model.decoder.embed_tokens.weight"]
     return out
@@ -263,7 +255,7 @@ def convert(
     tokenizer = folder / "tokenizer.json"
     token_ids = special_token_ids(tokenizer) if tokenizer.exists() else None
     config = whisper_config(variables, ct2_config, token_ids=token_ids)
-    return config, to_state_dict(variables, config), ct2_config
+    return config, to_state_dict(variables), ct2_config
 
 
 def build_model(config: WhisperConfig, state_dict: dict[str, torch.Tensor]) -> torch.nn.Module:

