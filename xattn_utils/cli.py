@@ -27,6 +27,15 @@ def main(argv: list[str] | None = None) -> int:
     _data_args(p)
     p.set_defaults(func=_attention)
 
+    p = sub.add_parser("explain", help="cross-attention + SM_X + SM_H per utterance (resumable)")
+    _model_args(p)
+    _data_args(p)
+    p.add_argument("--method", default="spes", help="spes, saliency, input_x_gradient, ...")
+    p.add_argument("--n-masks", type=int, default=None, help="masks per map (spes)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--reference-text", action="store_true", help="explain the reference text")
+    p.set_defaults(func=_explain)
+
     args = parser.parse_args(argv)
     try:
         return args.func(args) or 0
@@ -99,6 +108,31 @@ def _attention(args: argparse.Namespace) -> None:
         )
     pd.DataFrame(rows).to_csv(args.out / "index.csv", index=False)
     print(f"wrote {len(rows)} utterances to {args.out}")
+
+
+def _explain(args: argparse.Namespace) -> None:
+    from .data import load_corpus
+    from .models import load_model
+    from .saliency import explain_corpus
+    from .store import ResultStore
+
+    loaded = load_model(args.model, args.device)
+    corpus = load_corpus(args.data, subset=args.subset, limit=args.limit)
+    store = ResultStore(args.out)
+    kwargs = {"method": args.method, "seed": args.seed}
+    if args.n_masks is not None:
+        kwargs["n_masks"] = args.n_masks
+    results = explain_corpus(
+        loaded,
+        corpus,
+        store=store,
+        task=args.task,
+        language=args.language,
+        use_reference_text=args.reference_text,
+        **kwargs,
+    )
+    store.records().to_csv(args.out / "index.csv", index=False)
+    print(f"{len(results)} utterances explained; results in {args.out}")
 
 
 def _lang(loaded, language: str | None) -> str | None:

@@ -237,10 +237,10 @@ def explain(
     )
 
 
-def _scorer(options: PerturbationOptions, logits: torch.Tensor, tr: Transcript):
+def _scorer(scorer: str, logits: torch.Tensor, tr: Transcript):
     """Score function of masked logits (batch, tokens, vocab) -> (batch, tokens)."""
     ref = torch.tensor(tr.output_ids, device=logits.device)
-    if options.scorer == "kl":
+    if scorer == "kl":
         log_p0 = torch.log_softmax(logits.float(), dim=-1)
         return lambda masked: kl_scores(log_p0, masked)
     p0_ref = torch.softmax(logits.float(), dim=-1).gather(-1, ref[:, None]).squeeze(-1)
@@ -275,18 +275,7 @@ def input_saliency_spes(
     sampler = MaskSampler(
         label_maps, options.n_masks, p=options.p, design=options.design, seed=seed
     )
-    fill = mel.min()  # the clamp floor: the value of padding / digital silence
-    ids = torch.tensor([tr.input_ids], device=mel.device)
-    score = _scorer(options, logits, tr)
-
-    def score_fn(masks: torch.Tensor) -> torch.Tensor:
-        b = masks.shape[0]
-        x = mel.expand(b, -1, -1).clone()
-        occluded = masks.to(mel.device).transpose(1, 2)  # (batch, mel_bins, mel_frames)
-        x[:, :, :n_mel] = torch.where(occluded, fill, x[:, :, :n_mel])
-        out = loaded.model(input_features=x, decoder_input_ids=ids.expand(b, -1), use_cache=False)
-        return score(out.logits)
-
+    score_fn = mel_score_fn(loaded, mel, tr, logits, n_mel, scorer=options.scorer)
     with attention_implementation(loaded, "sdpa"):
         stats = run_masks(
             score_fn,
@@ -313,24 +302,11 @@ def encoder_saliency_spes(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """SPES SM_H over the first ``n_enc`` encoder frames. Returns the map (tokens, enc_frames)
     and the two fold maps (2, tokens, enc_frames)."""
-    encoder = loaded.model.model.encoder
-    with attention_implementation(loaded, "sdpa"):
-        h = encoder(mel).last_hidden_state
-        h_silent = encoder(torch.full_like(mel, float(mel.min()))).last_hidden_state
     label_maps = [frame_groups(n_enc, w) for w in options.enc_groups]
     sampler = MaskSampler(
         label_maps, options.n_masks, p=options.p, design=options.design, seed=seed + 1
     )
-    ids = torch.tensor([tr.input_ids], device=mel.device)
-    score = _scorer(options, logits, tr)
-
-    def score_fn(masks: torch.Tensor) -> torch.Tensor:
-        b = masks.shape[0]
-        hb = h.expand(b, -1, -1).clone()
-        occluded = masks.to(h.device).unsqueeze(-1)  # (batch, enc_frames, 1)
-        hb[:, :n_enc] = torch.where(occluded, h_silent[:, :n_enc], hb[:, :n_enc])
-        return score(decoder_logits(loaded, hb, ids.expand(b, -1)))
-
+    score_fn = encoder_score_fn(loaded, mel, tr, logits, n_enc, scorer=options.scorer)
     with attention_implementation(loaded, "sdpa"):
         stats = run_masks(
             score_fn,
@@ -340,6 +316,61 @@ def encoder_saliency_spes(
             progress="SM_H masks" if progress else False,
         )
     return _maps(stats, (len(tr), n_enc))
+
+
+def mel_score_fn(
+    loaded: LoadedModel,
+    mel: torch.Tensor,
+    tr: Transcript,
+    logits: torch.Tensor,
+    n_mel: int,
+    *,
+    scorer: str = "kl",
+):
+    """Scores (batch, tokens) of cell masks (batch, mel_frames, mel_bins) over the first
+    ``n_mel`` mel frames; occluded cells take the padding value (the clamp floor)."""
+    fill = mel.min()
+    ids = torch.tensor([tr.input_ids], device=mel.device)
+    score = _scorer(scorer, logits, tr)
+
+    def score_fn(masks: torch.Tensor) -> torch.Tensor:
+        b = masks.shape[0]
+        x = mel.expand(b, -1, -1).clone()
+        occluded = masks.to(mel.device).transpose(1, 2)  # (batch, mel_bins, mel_frames)
+        x[:, :, :n_mel] = torch.where(occluded, fill, x[:, :, :n_mel])
+        out = loaded.model(input_features=x, decoder_input_ids=ids.expand(b, -1), use_cache=False)
+        return score(out.logits)
+
+    return score_fn
+
+
+@torch.no_grad()
+def encoder_score_fn(
+    loaded: LoadedModel,
+    mel: torch.Tensor,
+    tr: Transcript,
+    logits: torch.Tensor,
+    n_enc: int,
+    *,
+    scorer: str = "kl",
+):
+    """Scores (batch, tokens) of encoder-frame masks (batch, enc_frames); the encoder runs once
+    here, occluded frames take its output for an all-silence input."""
+    encoder = loaded.model.model.encoder
+    with attention_implementation(loaded, "sdpa"):
+        h = encoder(mel).last_hidden_state
+        h_silent = encoder(torch.full_like(mel, float(mel.min()))).last_hidden_state
+    ids = torch.tensor([tr.input_ids], device=mel.device)
+    score = _scorer(scorer, logits, tr)
+
+    def score_fn(masks: torch.Tensor) -> torch.Tensor:
+        b = masks.shape[0]
+        hb = h.expand(b, -1, -1).clone()
+        occluded = masks.to(h.device).unsqueeze(-1)  # (batch, enc_frames, 1)
+        hb[:, :n_enc] = torch.where(occluded, h_silent[:, :n_enc], hb[:, :n_enc])
+        return score(decoder_logits(loaded, hb, ids.expand(b, -1)))
+
+    return score_fn
 
 
 def decoder_logits(loaded: LoadedModel, h: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -353,3 +384,64 @@ def _maps(stats: MaskStatistics, shape: tuple[int, ...]) -> tuple[torch.Tensor, 
     full = stats.saliency().reshape(shape).float()
     folds = torch.stack([stats.saliency([f]).reshape(shape) for f in range(stats.num.shape[0])])
     return full.contiguous(), folds.float().contiguous()
+
+
+def explain_corpus(
+    loaded: LoadedModel,
+    utterances: list,
+    *,
+    store=None,
+    task: str = "transcribe",
+    language: str | None = None,
+    use_reference_text: bool = False,
+    progress: bool = True,
+    **kwargs,
+) -> list[Explanation]:
+    """:func:`explain` every utterance (``xattn_utils.data.Utterance``), reusing results found
+    in ``store`` (a :class:`xattn_utils.store.ResultStore`) and saving new ones as soon as each
+    finishes, so a killed run loses no finished utterance. ``language=None`` takes each
+    utterance's own language; ``use_reference_text`` teacher-forces the reference transcripts
+    instead of the model's own (for the random test model, whose outputs mean nothing).
+    ``kwargs`` go to :func:`explain` (``method``, ``n_masks``, ``seed``, ``options`` ...)."""
+    from tqdm.auto import tqdm
+
+    results = []
+    for utt in tqdm(utterances, desc=f"explain {loaded.name}", disable=not progress):
+        lang = (language or utt.language) if loaded.multilingual else None
+        text = utt.text if use_reference_text else None
+        params = {k: _jsonable(v) for k, v in kwargs.items()} | {
+            "task": task,
+            "language": lang,
+            "text": text,
+        }
+        key = None
+        if store is not None:
+            key = store.key(
+                model=loaded.name,
+                utterance=utt.id,
+                method=kwargs.get("method", "spes"),
+                params=params,
+            )
+            if store.has(key):
+                results.append(Explanation.from_tensors(*store.get(key)))
+                continue
+        result = explain(
+            loaded,
+            utt.load(),
+            text=text,
+            task=task,
+            language=lang,
+            utterance=utt.id,
+            progress=progress,
+            **kwargs,
+        )
+        if store is not None:
+            store.put(key, *result.to_tensors())
+        results.append(result)
+    return results
+
+
+def _jsonable(value):
+    from dataclasses import asdict, is_dataclass
+
+    return asdict(value) if is_dataclass(value) else value

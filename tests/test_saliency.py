@@ -1,0 +1,230 @@
+"""SPES-style perturbation and gradient saliency: planted signals, invariances, bad input."""
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+import xattn_utils as xu
+from xattn_utils.attention import forward_attention
+from xattn_utils.decode import decode, features
+from xattn_utils.gradients import captum_maps, gradient_maps, token_logprobs
+from xattn_utils.models import attention_implementation
+from xattn_utils.perturbation import (
+    MaskSampler,
+    PerturbationError,
+    PerturbationOptions,
+    frame_groups,
+    kl_scores,
+    run_masks,
+    segment_counts,
+    slic_segments,
+)
+from xattn_utils.saliency import encoder_score_fn, explain, list_methods, mel_score_fn
+
+# --- the estimator on toy score functions (no model) -------------------------------------
+
+
+def _blocks(n_time: int, n_freq: int, width: int) -> np.ndarray:
+    """Label map of (width x n_freq/2) blocks over a (time, freq) grid."""
+    t, f = np.meshgrid(np.arange(n_time), np.arange(n_freq), indexing="ij")
+    return (t // width) * 2 + (f >= n_freq // 2)
+
+
+def test_planted_dependency_is_found():
+    """Token i's score depends only on cells in time span i: its map peaks there."""
+    n_time, n_freq, n_tokens = 60, 8, 4
+    spans = [(5, 15), (20, 25), (30, 45), (50, 58)]
+    sampler = MaskSampler([_blocks(n_time, n_freq, w) for w in (2, 3, 5)], 600, seed=1)
+
+    def score_fn(masks):
+        occ = masks.float()
+        return torch.stack([occ[:, a:b].mean((1, 2)) for a, b in spans], dim=1)
+
+    stats = run_masks(score_fn, sampler, n_tokens, batch_size=32, progress=False)
+    sm = stats.saliency().reshape(n_tokens, n_time, n_freq)
+    profile = sm.mean(-1)  # (tokens, time)
+    for i, (a, b) in enumerate(spans):
+        assert a <= int(profile[i].argmax()) < b  # pointing game: 4/4 hits
+        outside = torch.cat([profile[i, :a], profile[i, b:]])
+        assert profile[i, a:b].min() > outside.max()  # every in-span frame beats every other
+
+
+@pytest.mark.parametrize("design", ["iid", "antithetic"])
+def test_every_cell_occluded_at_rate_p(design):
+    labels = [frame_groups(100, w) for w in (1, 2, 4)]
+    sampler = MaskSampler(labels, 1200, p=0.5, design=design, seed=0)
+    stats = run_masks(
+        lambda m: torch.zeros(m.shape[0], 1), sampler, 1, batch_size=64, progress=False
+    )
+    rate = stats.occlusion_rate()
+    assert abs(float(rate.mean()) - 0.5) < 0.01
+    assert float((rate - 0.5).abs().max()) < 0.07  # 4.8 sigma for 1200 Bernoulli(0.5) draws
+    if design == "antithetic":  # pairs complement each other: exactly half
+        torch.testing.assert_close(rate, torch.full_like(rate, 0.5), atol=1e-9, rtol=0)
+
+
+def test_estimator_unbiased_on_linear_model():
+    """score = w . occ, one cell per unit: E[score | c occluded] = w_c + p sum_{c2 != c} w_c2."""
+    n_cells, p = 12, 0.3
+    w = torch.linspace(0, 1, n_cells).reshape(1, -1).double()
+    sampler = MaskSampler([np.arange(n_cells)], 20000, p=p, seed=3)
+    stats = run_masks(lambda m: m.double() @ w.T, sampler, 1, batch_size=2000, progress=False)
+    expected = w + p * (w.sum() - w)
+    torch.testing.assert_close(stats.saliency(), expected, atol=0.03, rtol=0)
+
+
+def test_batch_size_does_not_change_result():
+    sampler = MaskSampler([frame_groups(50, 3)], 40, seed=5)
+    w = torch.randn(3, 50, generator=torch.Generator().manual_seed(0)).double()
+
+    def score_fn(m):
+        return m.double() @ w.T
+
+    a = run_masks(score_fn, sampler, 3, batch_size=1, progress=False).saliency()
+    b = run_masks(score_fn, sampler, 3, batch_size=16, progress=False).saliency()
+    torch.testing.assert_close(a, b)
+
+
+def test_out_of_memory_retries_with_smaller_batch(caplog):
+    sampler = MaskSampler([frame_groups(20, 2)], 24, seed=0)
+    w = torch.arange(20.0).reshape(1, -1).double()
+    calls = []
+
+    def score_fn(masks):
+        calls.append(masks.shape[0])
+        if masks.shape[0] > 2:
+            raise torch.OutOfMemoryError("fake OOM")
+        return masks.double() @ w.T
+
+    with caplog.at_level(logging.WARNING):
+        stats = run_masks(score_fn, sampler, 1, batch_size=8, progress=False)
+    assert "out of memory" in caplog.text and "batch_size=2" in caplog.text
+    assert int(stats.count.sum()) == 24 and max(calls[-3:]) == 2
+    ref = run_masks(lambda m: m.double() @ w.T, sampler, 1, batch_size=24, progress=False)
+    torch.testing.assert_close(stats.saliency(), ref.saliency())
+
+
+def test_segment_counts_scale_with_length_and_cap():
+    assert segment_counts(500, (2000, 2500)) == [2000, 2500]
+    assert segment_counts(250, (2000,)) == [1000]
+    assert segment_counts(3000, (2000,)) == [3000]  # capped at 7.5 s
+
+
+def test_slic_labels_are_contiguous_ids():
+    spec = np.random.default_rng(0).normal(size=(120, 80))
+    labels = slic_segments(spec, 300)
+    assert labels.shape == spec.shape and labels.min() == 0
+    assert set(np.unique(labels)) == set(range(labels.max() + 1))
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"n_masks": 0}, "n_masks"),
+        ({"p": 1.0}, "between 0 and 1"),
+        ({"p": 0.0}, "between 0 and 1"),
+        ({"scorer": "l2"}, "unknown scorer"),
+        ({"design": "sobol"}, "unknown mask design"),
+        ({"design": "antithetic", "p": 0.3}, "antithetic"),
+        ({"batch_size": 0}, "batch_size"),
+    ],
+)
+def test_bad_options(kwargs, match):
+    with pytest.raises(PerturbationError, match=match):
+        PerturbationOptions(**kwargs)
+
+
+# --- on the tiny random Whisper ------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def setup(tiny, tone):
+    tr = decode(tiny, tone, text="hello there world")
+    mel = features(tiny, tone)
+    with torch.no_grad():
+        _, logits = forward_attention(tiny, mel, tr)
+    return tr, mel, logits
+
+
+def test_scores_are_zero_when_nothing_is_occluded(tiny, setup):
+    tr, mel, logits = setup
+    assert float(kl_scores(torch.log_softmax(logits, -1), logits[None]).abs().max()) == 0.0
+    with attention_implementation(tiny, "sdpa"), torch.no_grad():
+        x = mel_score_fn(tiny, mel, tr, logits, 250)(torch.zeros(2, 250, 80, dtype=torch.bool))
+        h = encoder_score_fn(tiny, mel, tr, logits, 125)(torch.zeros(2, 125, dtype=torch.bool))
+    assert float(x.abs().max()) < 1e-4 and float(h.abs().max()) < 1e-4  # sdpa vs eager only
+    assert tiny.model.config._attn_implementation == "eager"  # restored
+
+
+def test_explain_shapes_determinism_and_finiteness(tiny, tone):
+    a = explain(tiny, tone, text="hello there world", n_masks=8, seed=1, progress=False)
+    b = explain(tiny, tone, text="hello there world", n_masks=8, seed=1, progress=False)
+    c = explain(tiny, tone, text="hello there world", n_masks=8, seed=2, progress=False)
+    n_tok = len(a.tokens)
+    assert a.input_saliency.shape == (n_tok, 250, 80)
+    assert a.encoder_saliency.shape == (n_tok, 125)
+    assert a.cross_attention.shape == (2, 4, n_tok, 125)
+    assert a.input_saliency_folds.shape == (2, n_tok, 250, 80)
+    for t in (a.input_saliency, a.encoder_saliency):
+        assert torch.isfinite(t).all() and t.dtype == torch.float32
+    torch.testing.assert_close(a.input_saliency, b.input_saliency, rtol=0, atol=0)
+    torch.testing.assert_close(a.encoder_saliency, b.encoder_saliency, rtol=0, atol=0)
+    assert not torch.equal(a.encoder_saliency, c.encoder_saliency)
+    assert a.params["n_masks"] == 8 and a.method == "spes"
+    frame = a.to_frame("encoder")
+    assert len(frame) == n_tok * 125 and {"token", "time_s", "value"} <= set(frame.columns)
+
+
+def test_explain_round_trips_through_tensors(tiny, tone):
+    a = explain(tiny, tone, text="hello", n_masks=4, progress=False, utterance="u1")
+    b = xu.saliency.Explanation.from_tensors(*a.to_tensors())
+    assert b.tokens == a.tokens and b.params == a.params and b.utterance == "u1"
+    torch.testing.assert_close(b.input_saliency, a.input_saliency)
+
+
+def test_explain_bad_input(tiny, tone):
+    with pytest.raises(ValueError, match="n_masks"):
+        explain(tiny, tone, text="hello", n_masks=0)
+    with pytest.raises(ValueError, match="empty"):
+        explain(tiny, tone, text="", n_masks=4)
+    with pytest.raises(ValueError, match="448"):
+        explain(tiny, tone, text="word " * 500, n_masks=4)
+    with pytest.raises(ValueError, match="unknown method"):
+        explain(tiny, tone, text="hello", method="lime")
+    assert "spes" in list_methods() and "integrated_gradients" in list_methods()
+
+
+@pytest.mark.parametrize("method", ["saliency", "input_x_gradient", "integrated_gradients"])
+def test_batched_gradients_equal_captum_per_token(tiny, setup, method):
+    tr, mel, _ = setup
+    sm_x, sm_h = gradient_maps(tiny, mel, tr, 3000, 1500, method=method, n_steps=4)
+    ref_x, ref_h = captum_maps(tiny, mel, tr, method=method, n_steps=4, tokens=[1, 3])
+    scale_x, scale_h = float(ref_x.abs().max()), float(ref_h.abs().max())
+    torch.testing.assert_close(sm_x[[1, 3]], ref_x.transpose(1, 2), atol=1e-4 * scale_x, rtol=0)
+    torch.testing.assert_close(sm_h[[1, 3]], ref_h, atol=1e-4 * scale_h, rtol=0)
+
+
+def test_integrated_gradients_completeness(tiny, setup):
+    """Sum of IG attributions = f(input) - f(baseline), per token, over input and encoder."""
+    tr, mel, _ = setup
+    sm_x, sm_h = gradient_maps(tiny, mel, tr, 3000, 1500, method="integrated_gradients", n_steps=32)
+    of_mel, of_encoder = token_logprobs(tiny, tr)
+    silent = torch.full_like(mel, float(mel.min()))
+    with torch.no_grad():
+        gap_x = (of_mel(mel) - of_mel(silent))[0]
+        enc = tiny.model.model.encoder
+        gap_h = (of_encoder(enc(mel).last_hidden_state) - of_mel(silent))[0]
+    torch.testing.assert_close(
+        sm_x.sum((1, 2)).double(), gap_x.double(), atol=0.02 * float(gap_x.abs().max()), rtol=0
+    )
+    torch.testing.assert_close(
+        sm_h.sum(1).double(), gap_h.double(), atol=0.02 * float(gap_h.abs().max()), rtol=0
+    )
+
+
+def test_gradient_explain(tiny, tone):
+    e = explain(tiny, tone, text="hello there", method="saliency", progress=False)
+    assert e.input_saliency.shape[1:] == (250, 80) and e.encoder_saliency.shape[1] == 125
+    assert (e.input_saliency >= 0).all() and e.input_saliency_folds is None
