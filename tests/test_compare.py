@@ -218,3 +218,29 @@ def test_corpus_table_groups_over_utterances(ca, rng):
     heads = df[df["kind"] == "head"].groupby("utterance")["r"].mean()
     assert by_kind.loc["head", "mean"] == pytest.approx(heads.mean())
     assert C.corpus_table(df, seed=1).equals(table)
+
+
+def test_spearman_brown_and_disattenuation():
+    from xattn_utils.compare import disattenuate, spearman_brown
+
+    assert spearman_brown(0.5) == pytest.approx(2 / 3)
+    assert spearman_brown(0.25, factor=4) == pytest.approx(0.5714285714)
+    assert disattenuate(0.3, 0.36) == pytest.approx(0.5)
+    assert np.isnan(disattenuate(0.3, -0.1))
+
+
+def test_split_half_reliability_tracks_noise():
+    from xattn_utils.compare import reliability
+
+    gen = torch.Generator().manual_seed(0)
+    signal = torch.rand(5, 40, generator=gen)
+    same = reliability(torch.stack([signal, signal]))
+    assert same.half == pytest.approx(1.0) and same.full == pytest.approx(1.0)
+    noise = torch.randn(2, 5, 40, generator=gen)
+    pure = reliability(noise)
+    assert abs(pure.half) < 0.2
+    noisy = reliability(signal + 0.3 * torch.randn(2, 5, 40, generator=gen) / 3**0.5)
+    # var(signal) = 1/12, noise var = 0.03: r_half ~ 0.083 / 0.113 ~ 0.74
+    assert 0.6 < noisy.half < 0.85 and noisy.full > noisy.half
+    sm_x = torch.rand(2, 3, 20, 8, generator=gen)
+    assert reliability(sm_x, special=[True, False, False]).n_tokens == 2

@@ -420,3 +420,62 @@ def corpus_table(
             row["n_nan_tokens"] = int(g["n_nan"].sum())
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+# -- reliability of Monte Carlo maps ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Reliability:
+    """Split-half reliability of a perturbation map.
+
+    ``half``: mean per-token correlation between the maps of two disjoint halves of the masks
+    (after the same pooling the comparison uses); ``full``: its Spearman-Brown extrapolation to
+    all the masks, ``2 r / (1 + r)``.
+    """
+
+    half: float
+    full: float
+    n_tokens: int
+    n_nan: int
+
+    def to_frame(self) -> pd.DataFrame:
+        return pd.DataFrame([asdict(self)])
+
+
+def spearman_brown(r: float, factor: float = 2.0) -> float:
+    """Reliability of a map from ``factor`` times as many masks: ``k r / (1 + (k - 1) r)``."""
+    return factor * r / (1 + (factor - 1) * r) if np.isfinite(r) and r > -1 / factor else math.nan
+
+
+def reliability(
+    folds: Array,
+    *,
+    special: Sequence[bool] | None = None,
+    include_special: bool = False,
+    pooling: Pooling = "max",
+    method: Method = "pearson",
+) -> Reliability:
+    """Split-half reliability of a map from its two fold maps, shape = (2, tokens, ...): SM_H
+    folds (2, tokens, enc_frames) or SM_X folds (2, tokens, mel_frames, mel_bins), pooled."""
+    f = _tensor(folds)
+    if f.shape[0] != 2:
+        raise ValueError(f"expected 2 folds, got shape {tuple(f.shape)}")
+    a, b = (pool_to_enc(x, how=pooling) if x.ndim == 3 else x for x in f)
+    keep = None if special is None or include_special else [not s for s in special]
+    score = utterance_score(a, b, method=method, keep=keep)
+    return Reliability(
+        half=score.mean,
+        full=spearman_brown(score.mean),
+        n_tokens=score.n_tokens,
+        n_nan=score.n_nan,
+    )
+
+
+def disattenuate(r: float | np.ndarray, reliability_full: float) -> float | np.ndarray:
+    """Spearman's correction for attenuation of a correlation with a noisy map: ``r /
+    sqrt(reliability)`` (CA is deterministic, so only the map's reliability enters). NaN when the
+    reliability is not positive: the map holds no measurable signal."""
+    if not np.isfinite(reliability_full) or reliability_full <= 0:
+        return np.full_like(np.asarray(r, dtype=float), np.nan)
+    return np.asarray(r, dtype=float) / math.sqrt(min(reliability_full, 1.0))
