@@ -126,7 +126,7 @@ def load_corpus(
     """
     if limit is not None and limit < 0:
         raise ValueError(f"limit must be >= 0, got {limit}")
-    utterances = _utterances(source)  # raises for an unknown or empty source
+    utterances = _utterances(source)  # raises now for an unknown source or an empty folder
     if limit == 0:
         return []
     kept: list[Utterance] = []
