@@ -19,6 +19,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q --no-deps openai-whisper==20250625
 	$(BIN)/xattn models --prepare
 	touch $(STAMP)
 
@@ -52,6 +53,7 @@ report: install ## run every analysis notebook on the bundled models and demo da
 
 bench: $(STAMP) ## benchmarks (print measured ratios)
 	$(BIN)/python benchmarks/saliency.py
+	$(BIN)/python benchmarks/scale.py
 
 clean: ## remove reports and caches (not the venv)
 	rm -rf reports out .pytest_cache .ruff_cache
