@@ -1,17 +1,44 @@
-"""xattn: how much does cross-attention explain in speech-to-text models?"""
+"""xattn: how much does cross-attention explain in speech-to-text models?
+
+Figures, the explorer and the report helpers live in the submodules ``xu.plots``,
+``xu.widgets`` and ``xu.report`` (plots and widgets load matplotlib on first use).
+"""
+
+import importlib
 
 from .attention import CrossAttention, cross_attention
 from .audio import load_audio
+from .compare import corpus_table
+from .data import load_corpus
 from .decode import Transcript, decode
 from .models import LoadedModel, available_models, load_model
+from .report import save_metrics
+from .saliency import Explanation, explain, explain_corpus, list_methods
+from .store import ResultStore
 
 __all__ = [
     "CrossAttention",
+    "Explanation",
     "LoadedModel",
+    "ResultStore",
     "Transcript",
     "available_models",
+    "corpus_table",
     "cross_attention",
     "decode",
+    "explain",
+    "explain_corpus",
+    "list_methods",
     "load_audio",
+    "load_corpus",
     "load_model",
+    "save_metrics",
 ]
+
+_LAZY = ("plots", "report", "widgets")
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

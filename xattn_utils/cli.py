@@ -8,6 +8,8 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from .distributed import add_distributed_args
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="xattn", description=__doc__)
@@ -34,7 +36,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n-masks", type=int, default=None, help="masks per map (spes)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--reference-text", action="store_true", help="explain the reference text")
+    add_distributed_args(p)
     p.set_defaults(func=_explain)
+
+    p = sub.add_parser("report", help="explain once, run every notebook, write HTML + index")
+    p.add_argument("--models", default="tiny.en", help="comma-separated, e.g. tiny.en,base")
+    p.add_argument("--data", default="demo", help="'demo', a folder of audio or a TSV manifest")
+    p.add_argument("--out", type=Path, default=Path("reports"), help="report folder")
+    p.add_argument("--n-utterances", type=int, default=None, help="utterances (default 8)")
+    p.add_argument("--n-masks", type=int, default=None, help="masks per map (default 128)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+    p.add_argument("--method", default="spes", help="spes, saliency, input_x_gradient, ...")
+    p.add_argument("--use-reference-text", action="store_true", help="explain reference texts")
+    p.add_argument("--store", type=Path, default=Path("out/store"), help="shared results store")
+    p.set_defaults(func=_report)
 
     args = parser.parse_args(argv)
     try:
@@ -110,7 +126,11 @@ def _attention(args: argparse.Namespace) -> None:
     print(f"wrote {len(rows)} utterances to {args.out}")
 
 
-def _explain(args: argparse.Namespace) -> None:
+def _explain(args: argparse.Namespace) -> int | None:
+    from .distributed import run_distributed, uses_distributed
+
+    if uses_distributed(args):
+        return run_distributed(args)
     from .data import load_corpus
     from .models import load_model
     from .saliency import explain_corpus
@@ -133,6 +153,29 @@ def _explain(args: argparse.Namespace) -> None:
     )
     store.records().to_csv(args.out / "index.csv", index=False)
     print(f"{len(results)} utterances explained; results in {args.out}")
+
+
+def _report(args: argparse.Namespace) -> int:
+    from . import report
+
+    try:
+        index = report.build_report(
+            [m.strip() for m in args.models.split(",") if m.strip()],
+            args.data,
+            args.out,
+            n_utterances=args.n_utterances or report.DEFAULT_N_UTTERANCES,
+            n_masks=args.n_masks or report.DEFAULT_N_MASKS,
+            seed=args.seed,
+            device=args.device,
+            method=args.method,
+            use_reference_text=args.use_reference_text,
+            store=args.store,
+        )
+    except report.NotebookError as err:  # the message names the notebook and the cell
+        print(f"xattn report: error: {err}", file=sys.stderr)
+        return 1
+    print(f"report written: {index}")
+    return 0
 
 
 def _lang(loaded, language: str | None) -> str | None:

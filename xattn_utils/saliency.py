@@ -401,14 +401,16 @@ def explain_corpus(
     in ``store`` (a :class:`xattn_utils.store.ResultStore`) and saving new ones as soon as each
     finishes, so a killed run loses no finished utterance. ``language=None`` takes each
     utterance's own language; ``use_reference_text`` teacher-forces the reference transcripts
-    instead of the model's own (for the random test model, whose outputs mean nothing).
+    (the reference translations for ``task="translate"``) instead of the model's own (for the
+    random test model, whose outputs mean nothing).
     ``kwargs`` go to :func:`explain` (``method``, ``n_masks``, ``seed``, ``options`` ...)."""
     from tqdm.auto import tqdm
 
     results = []
     for utt in tqdm(utterances, desc=f"explain {loaded.name}", disable=not progress):
         lang = (language or utt.language) if loaded.multilingual else None
-        text = utt.text if use_reference_text else None
+        reference = utt.translation if task == "translate" else utt.text
+        text = reference if use_reference_text else None
         params = {k: _jsonable(v) for k, v in kwargs.items()} | {
             "task": task,
             "language": lang,

@@ -1,0 +1,95 @@
+"""Every notebook runs headless (papermill) with its ``params/<nb>.ci.yaml`` on the random model,
+renders to HTML and writes its headline CSV; ``xattn report`` runs on real tiny.en (slow).
+
+All notebook runs of a session share one results store, as in a real report: the first
+notebook explains the CI utterances, the others find them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from xattn_utils import report
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOKS = sorted(p.stem for p in (ROOT / "notebooks").glob("*.ipynb"))
+ANALYSES = [n for n in NOTEBOOKS if not n.startswith("9")]  # the explorer writes no CSV
+
+pytestmark = pytest.mark.notebooks
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("notebooks")
+
+
+def _errors(notebook: Path) -> list[str]:
+    nb = json.loads(notebook.read_text(encoding="utf-8"))
+    return [
+        f"{o['ename']}: {o['evalue']}"
+        for cell in nb["cells"]
+        for o in cell.get("outputs", [])
+        if o.get("output_type") == "error"
+    ]
+
+
+def _finite_numbers(csv: Path) -> pd.DataFrame:
+    df = pd.read_csv(csv)
+    assert len(df), f"{csv.name} is empty"
+    value = "mean" if "mean" in df.columns else "r"
+    assert all(math.isfinite(v) for v in df[value]), f"{csv.name}: non-finite {value}\n{df}"
+    return df
+
+
+@pytest.mark.parametrize("stem", NOTEBOOKS)
+def test_notebook_runs_on_the_random_model(stem, workdir):
+    params = yaml.safe_load((ROOT / "notebooks" / "params" / f"{stem}.ci.yaml").read_text())
+    assert params["model"] == "random-tiny" and params["use_reference_text"] is True
+    params |= {"out": str(workdir / "metrics"), "store": str(workdir / "store")}
+    executed = report.run_notebook(stem, params, workdir / f"{stem}.ipynb")
+    assert not _errors(executed)
+    html = report.render_html(executed, workdir / f"{stem}.html")
+    text = html.read_text(encoding="utf-8")
+    assert len(text) > 10_000 and "Traceback" not in text
+    assert "data:image/png;base64" in text, f"{stem} drew no figure"
+    if stem in ANALYSES:
+        name = stem if stem.startswith("03") else f"{stem}.random-tiny"
+        _finite_numbers(workdir / "metrics" / f"{name}_headline.csv")
+
+
+def test_a_failing_cell_names_the_notebook(workdir):
+    params = {"model": "no-such-model", "store": str(workdir / "store"), "out": str(workdir)}
+    with pytest.raises(report.NotebookError, match="notebook 00_quickstart failed in cell"):
+        report.run_notebook("00_quickstart", params, workdir / "failed.ipynb")
+
+
+@pytest.mark.slow
+def test_xattn_report_on_tiny_en(tmp_path):
+    """The report command end to end on real tiny.en: 2 utterances, 16 masks (about 1.5 min)."""
+    out = tmp_path / "reports"
+    cmd = [sys.executable, "-m", "xattn_utils.cli", "report", "--models", "tiny.en"]
+    cmd += ["--data", "demo", "--out", str(out), "--n-utterances", "2", "--n-masks", "16"]
+    cmd += ["--store", str(tmp_path / "store"), "--device", "cpu"]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    index = (out / "index.html").read_text(encoding="utf-8")
+    for stem, runs in report.NOTEBOOKS.items():
+        name = stem if runs == "all" else f"{stem}.tiny.en"
+        assert (out / f"{name}.html").is_file() and f'href="{name}.html"' in index
+        assert (out / "code" / f"{name}.html").is_file()
+    for stem in ANALYSES:
+        name = stem if report.NOTEBOOKS[stem] == "all" else f"{stem}.tiny.en"
+        df = _finite_numbers(out / "metrics" / f"{name}_headline.csv")
+        assert name.split(".")[0] in index
+        if stem in ("01_head_level", "02_layer_aggregated"):
+            rows = df[df["aggregate"].isin(["best head", "best layer", "all heads"])]
+            assert len(rows) == 6 and set(rows["model"]) == {"tiny.en"}
+            assert (rows["low"] <= rows["mean"]).all() and (rows["mean"] <= rows["high"]).all()
