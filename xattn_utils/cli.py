@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--models", default="tiny.en", help="comma-separated, e.g. tiny.en,base")
     p.add_argument("--data", default="demo", help="'demo', a folder of audio or a TSV manifest")
     p.add_argument("--out", type=Path, default=Path("reports"), help="report folder")
-    p.add_argument("--n-utterances", type=int, default=None, help="utterances (default 8)")
+    p.add_argument("--n-utterances", type=int, default=None, help="utterances (default 8; 0 = all)")
     p.add_argument("--n-masks", type=int, default=None, help="masks per map (default 128)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
@@ -163,7 +163,9 @@ def _report(args: argparse.Namespace) -> int:
             [m.strip() for m in args.models.split(",") if m.strip()],
             args.data,
             args.out,
-            n_utterances=args.n_utterances or report.DEFAULT_N_UTTERANCES,
+            n_utterances=report.DEFAULT_N_UTTERANCES
+            if args.n_utterances is None
+            else args.n_utterances,
             n_masks=args.n_masks or report.DEFAULT_N_MASKS,
             seed=args.seed,
             device=args.device,

@@ -71,12 +71,13 @@ def select_utterances(
     Transcription takes ``language`` (default English) utterances; translation takes the
     non-English ones (or ``language``). Utterances are taken in turn from each (subset, language)
     group in corpus order, so synthetic and real speech alternate, and a larger ``n`` extends a
-    smaller one (results already in the store are reused).
+    smaller one (results already in the store are reused). ``n = 0`` takes them all.
     """
     if task == "translate":
         pool = [u for u in corpus if u.language != "en" and language in (None, u.language)]
     else:
         pool = [u for u in corpus if (u.language or "en") == (language or "en")]
+    n = len(pool) if n <= 0 else n  # 0 = all of them
     groups: dict[tuple, list] = {}
     for utt in pool:
         groups.setdefault((utt.subset, utt.language), []).append(utt)
