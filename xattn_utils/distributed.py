@@ -44,7 +44,7 @@ from pathlib import Path
 import torch
 
 from .models import LoadedModel, load_model, resolve_device
-from .saliency import _jsonable, explain_corpus
+from .saliency import corpus_entry, explain_corpus
 from .store import ResultStore
 
 # -- shards ----------------------------------------------------------------------------------
@@ -116,15 +116,14 @@ def entry_key(
 ) -> str:
     """The store key under which :func:`~xattn_utils.saliency.explain_corpus` files
     ``utterance`` for these arguments (``kwargs`` as for ``explain``)."""
-    lang = (language or utterance.language) if loaded.multilingual else None
-    text = utterance.text if use_reference_text else None
-    params = {k: _jsonable(v) for k, v in kwargs.items()} | {
-        "task": task,
-        "language": lang,
-        "text": text,
-    }
-    method = kwargs.get("method", "spes")
-    return ResultStore.key(model=loaded.name, utterance=utterance.id, method=method, params=params)
+    return corpus_entry(
+        loaded,
+        utterance,
+        task=task,
+        language=language,
+        use_reference_text=use_reference_text,
+        **kwargs,
+    )[0]
 
 
 def explain_one(loaded: LoadedModel, utterance, job: ExplainJob) -> tuple[str, str]:

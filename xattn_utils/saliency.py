@@ -49,6 +49,7 @@ from .perturbation import (
     segment_counts,
     slic_segments,
 )
+from .store import ResultStore
 
 PERTURBATION_METHODS = ("spes",)
 
@@ -272,20 +273,10 @@ def input_saliency_spes(
     spec = mel[0, :, :n_mel].T.float().cpu().numpy()  # (mel_frames, mel_bins)
     counts = segment_counts(n_mel, options.granularities)
     label_maps = distinct_label_maps([slic_segments(spec, k) for k in counts])
-    sampler = MaskSampler(
-        label_maps, options.n_masks, p=options.p, design=options.design, seed=seed
-    )
     score_fn = mel_score_fn(loaded, mel, tr, logits, n_mel, scorer=options.scorer)
-    with attention_implementation(loaded, "sdpa"):
-        stats = run_masks(
-            score_fn,
-            sampler,
-            len(tr),
-            batch_size=_batch_size(loaded, options, len(tr)),
-            progress="SM_X masks" if progress else False,
-        )
     shape = (len(tr), n_mel, spec.shape[1])
-    return _maps(stats, shape)
+    batch_size = _batch_size(loaded, options, len(tr))
+    return _spes(loaded, label_maps, score_fn, shape, options, seed, batch_size, progress, "SM_X")
 
 
 @torch.no_grad()
@@ -303,19 +294,38 @@ def encoder_saliency_spes(
     """SPES SM_H over the first ``n_enc`` encoder frames. Returns the map (tokens, enc_frames)
     and the two fold maps (2, tokens, enc_frames)."""
     label_maps = [frame_groups(n_enc, w) for w in options.enc_groups]
-    sampler = MaskSampler(
-        label_maps, options.n_masks, p=options.p, design=options.design, seed=seed + 1
-    )
     score_fn = encoder_score_fn(loaded, mel, tr, logits, n_enc, scorer=options.scorer)
+    batch_size = 4 * _batch_size(loaded, options, len(tr))  # decoder-only forwards are light
+    shape = (len(tr), n_enc)
+    return _spes(
+        loaded, label_maps, score_fn, shape, options, seed + 1, batch_size, progress, "SM_H"
+    )
+
+
+def _spes(
+    loaded: LoadedModel,
+    label_maps: list[np.ndarray],
+    score_fn,
+    shape: tuple[int, ...],
+    options: PerturbationOptions,
+    seed: int,
+    batch_size: int,
+    progress: bool,
+    name: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draw the masks, run them (sdpa attention) and return (map, fold maps) in ``shape``."""
+    sampler = MaskSampler(
+        label_maps, options.n_masks, p=options.p, design=options.design, seed=seed
+    )
     with attention_implementation(loaded, "sdpa"):
         stats = run_masks(
             score_fn,
             sampler,
-            len(tr),
-            batch_size=4 * _batch_size(loaded, options, len(tr)),
-            progress="SM_H masks" if progress else False,
+            shape[0],
+            batch_size=batch_size,
+            progress=f"{name} masks" if progress else False,
         )
-    return _maps(stats, (len(tr), n_enc))
+    return _maps(stats, shape)
 
 
 def mel_score_fn(
@@ -408,25 +418,17 @@ def explain_corpus(
 
     results = []
     for utt in tqdm(utterances, desc=f"explain {loaded.name}", disable=not progress):
-        lang = (language or utt.language) if loaded.multilingual else None
-        reference = utt.translation if task == "translate" else utt.text
-        text = reference if use_reference_text else None
-        params = {k: _jsonable(v) for k, v in kwargs.items()} | {
-            "task": task,
-            "language": lang,
-            "text": text,
-        }
-        key = None
-        if store is not None:
-            key = store.key(
-                model=loaded.name,
-                utterance=utt.id,
-                method=kwargs.get("method", "spes"),
-                params=params,
-            )
-            if store.has(key):
-                results.append(Explanation.from_tensors(*store.get(key)))
-                continue
+        key, lang, text = corpus_entry(
+            loaded,
+            utt,
+            task=task,
+            language=language,
+            use_reference_text=use_reference_text,
+            **kwargs,
+        )
+        if store is not None and store.has(key):
+            results.append(Explanation.from_tensors(*store.get(key)))
+            continue
         result = explain(
             loaded,
             utt.load(),
@@ -441,6 +443,30 @@ def explain_corpus(
             store.put(key, *result.to_tensors())
         results.append(result)
     return results
+
+
+def corpus_entry(
+    loaded: LoadedModel,
+    utt,
+    *,
+    task: str = "transcribe",
+    language: str | None = None,
+    use_reference_text: bool = False,
+    **kwargs,
+) -> tuple[str, str | None, str | None]:
+    """``(store key, language, teacher-forced text)`` under which :func:`explain_corpus` files
+    utterance ``utt`` for these arguments (``kwargs`` as for :func:`explain`)."""
+    lang = (language or utt.language) if loaded.multilingual else None
+    reference = utt.translation if task == "translate" else utt.text
+    text = reference if use_reference_text else None
+    params = {k: _jsonable(v) for k, v in kwargs.items()} | {
+        "task": task,
+        "language": lang,
+        "text": text,
+    }
+    method = kwargs.get("method", "spes")
+    key = ResultStore.key(model=loaded.name, utterance=utt.id, method=method, params=params)
+    return key, lang, text
 
 
 def _jsonable(value):
