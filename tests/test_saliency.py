@@ -21,7 +21,13 @@ from xattn_utils.perturbation import (
     segment_counts,
     slic_segments,
 )
-from xattn_utils.saliency import encoder_score_fn, explain, list_methods, mel_score_fn
+from xattn_utils.saliency import (
+    decoder_logits,
+    encoder_score_fn,
+    explain,
+    list_methods,
+    mel_score_fn,
+)
 
 # --- the estimator on toy score functions (no model) -------------------------------------
 
@@ -156,6 +162,23 @@ def test_scores_are_zero_when_nothing_is_occluded(tiny, setup):
         h = encoder_score_fn(tiny, mel, tr, logits, 125)(torch.zeros(2, 125, dtype=torch.bool))
     assert float(x.abs().max()) < 1e-4 and float(h.abs().max()) < 1e-4  # sdpa vs eager only
     assert tiny.model.config._attn_implementation == "eager"  # restored
+
+
+def test_cached_cross_attention_equals_masked_decoder(tiny, setup):
+    """SM_H's fast path (cross-attention K/V projected once, rows selected per mask) gives the
+    same scores as rerunning the decoder on the masked encoder output."""
+    tr, mel, logits = setup
+    masks = torch.rand(3, 125, generator=torch.Generator().manual_seed(0)) < 0.5
+    enc = tiny.model.model.encoder
+    with attention_implementation(tiny, "sdpa"), torch.no_grad():
+        fast = encoder_score_fn(tiny, mel, tr, logits, 125)(masks)
+        h = enc(mel).last_hidden_state.expand(3, -1, -1).clone()
+        h_silent = enc(torch.full_like(mel, float(mel.min()))).last_hidden_state
+        h[:, :125] = torch.where(masks[..., None], h_silent[:, :125], h[:, :125])
+        ids = torch.tensor([tr.input_ids]).expand(3, -1)
+        plain = kl_scores(torch.log_softmax(logits, -1), decoder_logits(tiny, h, ids))
+    torch.testing.assert_close(fast, plain, atol=1e-5, rtol=1e-5)
+    assert float(plain.abs().max()) > 0
 
 
 def test_explain_shapes_determinism_and_finiteness(tiny, tone):

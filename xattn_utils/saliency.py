@@ -23,6 +23,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import pandas as pd
 import torch
+from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
 from .attention import forward_attention
 from .audio import (
@@ -364,23 +365,50 @@ def encoder_score_fn(
     *,
     scorer: str = "kl",
 ):
-    """Scores (batch, tokens) of encoder-frame masks (batch, enc_frames); the encoder runs once
-    here, occluded frames take its output for an all-silence input."""
+    """Scores (batch, tokens) of encoder-frame masks (batch, enc_frames); occluded frames take
+    the encoder's output for an all-silence input.
+
+    The encoder runs once here. Cross-attention keys and values are linear per frame, so they
+    are projected once for the real and the silent encoder output, and each mask only selects
+    rows: the decoder reruns without re-projecting 1500 frames per layer (same numbers as
+    :func:`decoder_logits` on the masked encoder output, about twice as fast)."""
     encoder = loaded.model.model.encoder
     with attention_implementation(loaded, "sdpa"):
         h = encoder(mel).last_hidden_state
         h_silent = encoder(torch.full_like(mel, float(mel.min()))).last_hidden_state
+    layers = loaded.model.model.decoder.layers
+    kv = [(_cross_kv(layer, h), _cross_kv(layer, h_silent)) for layer in layers]
     ids = torch.tensor([tr.input_ids], device=mel.device)
     score = _scorer(scorer, logits, tr)
 
     def score_fn(masks: torch.Tensor) -> torch.Tensor:
         b = masks.shape[0]
-        hb = h.expand(b, -1, -1).clone()
-        occluded = masks.to(h.device).unsqueeze(-1)  # (batch, enc_frames, 1)
-        hb[:, :n_enc] = torch.where(occluded, h_silent[:, :n_enc], hb[:, :n_enc])
-        return score(decoder_logits(loaded, hb, ids.expand(b, -1)))
+        occluded = torch.zeros(b, 1, h.shape[1], 1, dtype=torch.bool, device=h.device)
+        occluded[:, 0, :n_enc, 0] = masks.to(h.device)  # (batch, heads, enc_frames, head_dim)
+        cross = DynamicCache()
+        for i, ((k, v), (k_silent, v_silent)) in enumerate(kv):
+            cross.update(torch.where(occluded, k_silent, k), torch.where(occluded, v_silent, v), i)
+        cache = EncoderDecoderCache(DynamicCache(), cross)
+        for i in range(len(kv)):
+            cache.is_updated[i] = True  # use the cached cross-attention keys and values
+        out = loaded.model.model.decoder(
+            input_ids=ids.expand(b, -1),
+            encoder_hidden_states=h.expand(b, -1, -1),
+            cache=cache,
+            use_cache=True,
+        )
+        return score(loaded.model.proj_out(out.last_hidden_state))
 
     return score_fn
+
+
+def _cross_kv(layer, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-attention keys and values of one decoder layer, shape = (1, heads, 1500, head_dim)."""
+    attn = layer.encoder_attn
+    shape = (h.shape[0], h.shape[1], attn.num_heads, attn.head_dim)
+    k = attn.k_proj(h).view(shape).transpose(1, 2)
+    v = attn.v_proj(h).view(shape).transpose(1, 2)
+    return k, v
 
 
 def decoder_logits(loaded: LoadedModel, h: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
