@@ -78,7 +78,7 @@ def test_xattn_report_on_tiny_en(tmp_path):
     cmd = [sys.executable, "-m", "xattn_utils.cli", "report", "--models", "tiny.en"]
     cmd += ["--data", "demo", "--out", str(out), "--n-utterances", "2", "--n-masks", "16"]
     cmd += ["--store", str(tmp_path / "store"), "--device", "cpu"]
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1800)
     assert done.returncode == 0, done.stderr[-3000:]
     index = (out / "index.html").read_text(encoding="utf-8")
     for stem, runs in report.NOTEBOOKS.items():

@@ -50,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--method", default="spes", help="spes, saliency, input_x_gradient, ...")
     p.add_argument("--use-reference-text", action="store_true", help="explain reference texts")
     p.add_argument("--store", type=Path, default=Path("out/store"), help="shared results store")
+    add_distributed_args(p)
     p.set_defaults(func=_report)
 
     args = parser.parse_args(argv)
@@ -157,25 +158,35 @@ def _explain(args: argparse.Namespace) -> int | None:
 
 def _report(args: argparse.Namespace) -> int:
     from . import report
+    from .distributed import client_from_args
 
     try:
-        index = report.build_report(
-            [m.strip() for m in args.models.split(",") if m.strip()],
-            args.data,
-            args.out,
-            n_utterances=report.DEFAULT_N_UTTERANCES
-            if args.n_utterances is None
-            else args.n_utterances,
-            n_masks=args.n_masks or report.DEFAULT_N_MASKS,
-            seed=args.seed,
-            device=args.device,
-            method=args.method,
-            use_reference_text=args.use_reference_text,
-            store=args.store,
-        )
+        with client_from_args(args) as client:
+            index = report.build_report(
+                [m.strip() for m in args.models.split(",") if m.strip()],
+                args.data,
+                args.out,
+                n_utterances=report.DEFAULT_N_UTTERANCES
+                if args.n_utterances is None
+                else args.n_utterances,
+                n_masks=args.n_masks or report.DEFAULT_N_MASKS,
+                seed=args.seed,
+                device=args.device,
+                method=args.method,
+                use_reference_text=args.use_reference_text,
+                store=args.store,
+                client=client,
+                shard=args.shard,
+            )
     except report.NotebookError as err:  # the message names the notebook and the cell
         print(f"xattn report: error: {err}", file=sys.stderr)
         return 1
+    if index is None:
+        print(
+            f"shard {args.shard[0]}/{args.shard[1]} explained into {args.store}; run "
+            "`xattn report` without --shard once every shard is done"
+        )
+        return 0
     print(f"report written: {index}")
     return 0
 

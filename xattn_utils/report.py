@@ -361,30 +361,49 @@ def render_html(notebook: str | Path, html_path: str | Path, *, code: bool = Fal
     return html_path
 
 
-def precompute(models: Sequence[str], corpus: Sequence, store, *, n_utterances: int, **params):
-    """Explain every (model, task, utterance) the notebooks will ask for, once, into ``store``.
+def precompute(
+    models: Sequence[str],
+    corpus: Sequence,
+    store,
+    *,
+    n_utterances: int,
+    client=None,
+    shard: tuple[int, int] | None = None,
+    **params,
+) -> dict[str, str]:
+    """Explain every (model, task, utterance) the notebooks will ask for, once, into ``store``,
+    here or on the Dask ``client``'s workers; with ``shard = (i, n)`` only that shard of the
+    utterances. Returns the failures by ``model/task/utterance``.
 
     ``params``: ``device``, ``method``, ``n_masks``, ``seed``, ``use_reference_text``, exactly
     as the notebooks pass them, so that their store keys match.
     """
+    from .distributed import explain_distributed
+    from .distributed import shard as shard_of
     from .models import load_model
-    from .saliency import explain_corpus
 
     device = params.pop("device", "auto")
     use_reference_text = params.pop("use_reference_text", False)
+    failed: dict[str, str] = {}
     for name in models:
-        loaded = load_model(name, device)
+        loaded = load_model(name, device if client is None else "cpu")
         for task in study_tasks(loaded):
             utterances = select_utterances(corpus, n_utterances, task=task)
-            explain_corpus(
-                loaded,
+            if shard is not None:
+                utterances = shard_of(utterances, *shard)
+            summary = explain_distributed(
+                client,
+                loaded if client is None else name,
                 utterances,
                 store=store,
+                device=device,
                 task=task,
                 language=None,
                 use_reference_text=use_reference_text,
                 **params,
             )
+            failed |= {f"{name}/{task}/{uid}": err for uid, err in summary.failed.items()}
+    return failed
 
 
 def build_report(
@@ -400,9 +419,15 @@ def build_report(
     use_reference_text: bool = False,
     store: str | Path = "out/store",
     notebooks: Sequence[str] | None = None,
-) -> Path:
+    client=None,
+    shard: tuple[int, int] | None = None,
+) -> Path | None:
     """Explain, run every notebook, render HTML (``<stem>[.<model>].html``, with code under
-    ``code/``) and write ``out/index.html``; headline CSVs go to ``out/metrics/``."""
+    ``code/``) and write ``out/index.html``; headline CSVs go to ``out/metrics/``.
+
+    The explain step runs on the Dask ``client`` when given; with ``shard`` only that shard is
+    explained and no notebook runs (returns None): run once more without it when every shard
+    is done."""
     from .data import load_corpus
     from .store import ResultStore
 
@@ -413,10 +438,14 @@ def build_report(
     if data != "demo" and Path(data).exists():  # notebooks run in the repository root
         data = str(Path(data).resolve())
     corpus = load_corpus(data)
-    precompute(
+    failed = precompute(
         models, corpus, ResultStore(store_path), n_utterances=n_utterances, device=device,
-        use_reference_text=use_reference_text, **params,
+        use_reference_text=use_reference_text, client=client, shard=shard, **params,
     )  # fmt: skip
+    if failed:
+        raise NotebookError(f"explaining failed for {sorted(failed)}: {failed}")
+    if shard is not None:
+        return None
     common = params | {
         "data": data,
         "n_utterances": n_utterances,
