@@ -455,6 +455,7 @@ def build_report(
         "out": str(out / "metrics"),
         "models": list(models),
         "progress": False,  # the store already holds every result: no bars in the HTML
+        "interactive": False,  # static figures only: shared HTML reports hold no live widgets
     }
     for stale in (out / "metrics").glob("*_headline.csv"):  # from an earlier run
         stale.unlink()
