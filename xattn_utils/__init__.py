@@ -1,7 +1,8 @@
 """xattn: how much does cross-attention explain in speech-to-text models?
 
-Figures, the explorer and the report helpers live in the submodules ``xu.plots``,
-``xu.widgets`` and ``xu.report`` (plots and widgets load matplotlib on first use).
+Figures, the explorer, the report helpers and the analyses beyond the study live in the
+submodules ``xu.plots``, ``xu.widgets``, ``xu.report``, ``xu.convergence``, ``xu.faithfulness``
+and ``xu.timestamps`` (plots and widgets load matplotlib on first use).
 """
 
 import importlib
@@ -35,7 +36,7 @@ __all__ = [
     "save_metrics",
 ]
 
-_LAZY = ("plots", "report", "widgets")
+_LAZY = ("convergence", "faithfulness", "plots", "report", "timestamps", "widgets")
 
 
 def __getattr__(name: str):

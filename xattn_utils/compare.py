@@ -479,3 +479,29 @@ def disattenuate(r: float | np.ndarray, reliability_full: float) -> float | np.n
     if not np.isfinite(reliability_full) or reliability_full <= 0:
         return np.full_like(np.asarray(r, dtype=float), np.nan)
     return np.asarray(r, dtype=float) / math.sqrt(min(reliability_full, 1.0))
+
+
+def disattenuated_ci(
+    r: Sequence[float] | Array,
+    reliability_full: Sequence[float] | Array,
+    *,
+    n_boot: int = 2000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> Estimate:
+    """Mean r over utterances corrected by their mean reliability (:func:`disattenuate`), with a
+    percentile bootstrap CI that resamples utterances, r and reliability together. Utterances
+    where either is NaN are left out; NaN where the mean reliability is not positive."""
+    a, b = _numpy64(r).ravel(), _numpy64(reliability_full).ravel()
+    ok = np.isfinite(a) & np.isfinite(b)
+    a, b, n, n_nan = a[ok], b[ok], int(ok.sum()), int((~ok).sum())
+    if n == 0:
+        return Estimate(math.nan, math.nan, math.nan, 0, n_nan, level)
+    idx = np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
+    rel = b[idx].mean(1)
+    boot = np.where(rel > 0, a[idx].mean(1) / np.sqrt(np.clip(rel, 1e-12, 1.0)), np.nan)
+    alpha = (1.0 - level) / 2
+    low, high = (np.quantile(boot[np.isfinite(boot)], [alpha, 1.0 - alpha])
+                 if np.isfinite(boot).any() else (math.nan, math.nan))  # fmt: skip
+    mean = float(disattenuate(a.mean(), float(b.mean())))
+    return Estimate(mean, float(low), float(high), n, n_nan, level)

@@ -13,6 +13,7 @@ the masks) so that the reliability of a map can be estimated from the same forwa
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -22,8 +23,12 @@ from tqdm.auto import tqdm
 
 log = logging.getLogger(__name__)
 
-DESIGNS = ("iid", "antithetic")
-N_FOLDS = 2
+DESIGNS = ("iid", "antithetic", "control", "antithetic-control")
+PAIRED = ("antithetic", "antithetic-control")  # each mask followed by its complement
+CONTROLLED = ("control", "antithetic-control")  # scores corrected by a control variate
+N_FOLDS = 2  # halves of the masks, for split-half reliability
+N_PARTS = 4  # control variate: each half in two parts, each fitted on the other
+N_BINS = 48  # time bins of the control variate's surrogate
 
 
 class PerturbationError(ValueError):
@@ -41,7 +46,9 @@ class PerturbationOptions:
     - ``enc_groups``: widths in encoder frames of the contiguous groups masked for SM_H.
     - ``scorer``: ``"kl"`` (KL(P_orig || P_masked) per token) or ``"prob_drop"``
       (drop in the reference token's probability).
-    - ``design``: ``"iid"`` Bernoulli masks, or ``"antithetic"`` (each mask then its complement).
+    - ``design``: ``"iid"`` Bernoulli masks, ``"antithetic"`` (each mask then its complement),
+      ``"control"`` (i.i.d. masks, scores corrected by a cross-fitted control variate, see
+      :func:`control_variate`) or ``"antithetic-control"`` (both).
     - ``batch_size``: masks per forward; ``None`` picks one from the device's free memory.
     """
 
@@ -62,7 +69,7 @@ class PerturbationOptions:
             raise PerturbationError(f"unknown scorer {self.scorer!r}: use 'kl' or 'prob_drop'")
         if self.design not in DESIGNS:
             raise PerturbationError(f"unknown mask design {self.design!r}: use one of {DESIGNS}")
-        if self.design == "antithetic" and self.p != 0.5:
+        if self.design in PAIRED and self.p != 0.5:
             raise PerturbationError("antithetic masks need p = 0.5 (a complement occludes 1 - p)")
         if not self.granularities or min(self.granularities) < 1:
             raise PerturbationError(f"granularities must be positive, got {self.granularities}")
@@ -126,7 +133,9 @@ class MaskSampler:
         seed: int = 0,
     ) -> None:
         self.label_maps = [torch.as_tensor(lm, dtype=torch.long) for lm in label_maps]
-        self.n_masks = n_masks
+        if design not in DESIGNS:
+            raise PerturbationError(f"unknown mask design {design!r}: use one of {DESIGNS}")
+        self.n_masks, self.p, self.design = n_masks, p, design
         self.granularity = (np.arange(n_masks) // 2) % len(self.label_maps)
         gen = torch.Generator().manual_seed(seed)
         self.units: list[torch.Tensor] = []
@@ -134,7 +143,7 @@ class MaskSampler:
             n_units = int(labels.max()) + 1
             count = int((self.granularity == g).sum())
             draws = torch.rand(count, n_units, generator=gen) < p
-            if design == "antithetic":
+            if design in PAIRED:
                 draws[1::2] = ~draws[0::2][: draws[1::2].shape[0]]
             self.units.append(draws)
         self._row = np.zeros(n_masks, dtype=np.int64)  # row of mask m inside its granularity
@@ -158,12 +167,14 @@ class MaskSampler:
 @dataclass(frozen=True)
 class MaskStatistics:
     """Accumulated sums per fold: ``num`` (folds, tokens, cells), ``occluded`` (folds, cells),
-    ``total`` (folds, tokens) and ``count`` (folds,)."""
+    ``total`` (folds, tokens) and ``count`` (folds,); ``scores`` (masks, tokens): the score of
+    every mask, kept so that maps of fewer masks, or with a control variate, need no forwards."""
 
     num: torch.Tensor
     occluded: torch.Tensor
     total: torch.Tensor
     count: torch.Tensor
+    scores: torch.Tensor | None = None
 
     def saliency(self, folds: Sequence[int] | None = None) -> torch.Tensor:
         """SPES estimate: mean score over the masks that occluded each cell. shape =
@@ -185,23 +196,19 @@ def run_masks(
     batch_size: int,
     progress: bool | str = True,
 ) -> MaskStatistics:
-    """Run every mask through ``score_fn`` in batches and accumulate the estimator's sums.
+    """Run every mask through ``score_fn`` in batches and accumulate the estimator's sums
+    (:func:`accumulate`; with the control variate when the sampler's design asks for it).
 
     On out-of-memory the batch is halved and retried (logged), down to one mask.
     """
-    n_cells = int(np.prod(sampler.cells_shape))
-    num = torch.zeros(N_FOLDS, n_tokens, n_cells, dtype=torch.float64)
-    occluded = torch.zeros(N_FOLDS, n_cells, dtype=torch.float64)
-    total = torch.zeros(N_FOLDS, n_tokens, dtype=torch.float64)
-    count = torch.zeros(N_FOLDS, dtype=torch.float64)
     desc = progress if isinstance(progress, str) else "masks"
     bar = tqdm(total=sampler.n_masks, desc=desc, disable=not progress, leave=False)
+    scores = torch.zeros(sampler.n_masks, n_tokens, dtype=torch.float64)
     start = 0
     while start < sampler.n_masks:
         stop = min(start + batch_size, sampler.n_masks)
-        masks = sampler.masks(start, stop)
         try:
-            scores = score_fn(masks).double().cpu()  # (batch, tokens)
+            scores[start:stop] = score_fn(sampler.masks(start, stop)).double().cpu()
         except torch.OutOfMemoryError:
             if batch_size == 1:
                 raise
@@ -209,19 +216,141 @@ def run_masks(
             log.warning("out of memory: retrying with batch_size=%d", batch_size)
             _empty_cache()
             continue
-        flat = masks.reshape(masks.shape[0], n_cells).double()
-        fold = torch.as_tensor((np.arange(start, stop) // 2) % N_FOLDS)
-        for f in range(N_FOLDS):
-            rows = fold == f
-            if rows.any():
-                num[f] += scores[rows].T @ flat[rows]
-                occluded[f] += flat[rows].sum(0)
-                total[f] += scores[rows].sum(0)
-                count[f] += int(rows.sum())
         bar.update(stop - start)
         start = stop
     bar.close()
-    return MaskStatistics(num=num, occluded=occluded, total=total, count=count)
+    return accumulate(sampler, scores, control=sampler.design in CONTROLLED)
+
+
+def _fold(m: np.ndarray, n_folds: int = N_FOLDS) -> np.ndarray:
+    """Fold of masks ``m``: pairs (2k, 2k+1) stay together; fold ``f`` of ``N_PARTS`` lies in
+    half ``f % N_FOLDS``."""
+    return (m // 2) % n_folds
+
+
+def accumulate(
+    sampler: MaskSampler,
+    scores: torch.Tensor,
+    *,
+    stop: int | None = None,
+    control: bool = False,
+    chunk: int = 256,
+) -> MaskStatistics:
+    """The estimator's sums over the first ``stop`` masks of ``sampler`` from their ``scores``
+    (masks, tokens), without forwards. With ``control`` the scores are corrected by a
+    cross-fitted control variate first (:func:`control_variate`)."""
+    stop = sampler.n_masks if stop is None else stop
+    scores = scores[:stop].double()
+    correction = None
+    if control:
+        scores, correction = control_variate(sampler, scores)
+    n_cells = int(np.prod(sampler.cells_shape))
+    n_tokens = scores.shape[1]
+    num = torch.zeros(N_FOLDS, n_tokens, n_cells, dtype=torch.float64)
+    occluded = torch.zeros(N_FOLDS, n_cells, dtype=torch.float64)
+    total = torch.zeros(N_FOLDS, n_tokens, dtype=torch.float64)
+    count = torch.zeros(N_FOLDS, dtype=torch.float64)
+    for start in range(0, stop, chunk):
+        end = min(start + chunk, stop)
+        flat = sampler.masks(start, end).reshape(end - start, n_cells).double()
+        fold = torch.as_tensor(_fold(np.arange(start, end)))
+        for f in range(N_FOLDS):
+            rows = fold == f
+            if rows.any():
+                num[f] += scores[start:end][rows].T @ flat[rows]
+                occluded[f] += flat[rows].sum(0)
+                total[f] += scores[start:end][rows].sum(0)
+                count[f] += int(rows.sum())
+    if correction is not None:
+        num += correction
+    return MaskStatistics(num=num, occluded=occluded, total=total, count=count, scores=scores)
+
+
+# -- the control variate ----------------------------------------------------------------------
+
+
+def time_bins(n_time: int, n_bins: int = N_BINS) -> np.ndarray:
+    """Bin of each time step (the first cell axis): ``n_bins`` contiguous, near-equal bins."""
+    n_bins = max(1, min(n_bins, n_time))
+    return np.arange(n_time) * n_bins // n_time
+
+
+def bin_features(masks: torch.Tensor, bins: np.ndarray) -> torch.Tensor:
+    """Occluded share of each time bin, shape = (masks, bins), of cell masks (masks, time, ...)."""
+    per_time = masks.reshape(masks.shape[0], masks.shape[1], -1).sum(-1).double()
+    per_time /= max(1, int(np.prod(masks.shape[2:])))
+    index = torch.as_tensor(bins)
+    out = torch.zeros(masks.shape[0], int(bins.max()) + 1, dtype=torch.float64)
+    out.index_add_(1, index, per_time)
+    return out / torch.bincount(index).double()
+
+
+def ridge_gcv(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Ridge coefficients (features, tokens) of centred ``y`` (n, tokens) on centred ``x`` (n,
+    features), one penalty for all tokens chosen by generalised cross-validation."""
+    x, y = x - x.mean(0), y - y.mean(0)
+    u, s, vh = torch.linalg.svd(x, full_matrices=False)
+    uty = u.T @ y
+    n = x.shape[0]
+    best, coef = math.inf, torch.zeros(x.shape[1], y.shape[1], dtype=torch.float64)
+    scale = float(s.max()) ** 2 if s.numel() else 1.0
+    for lam in scale * 10.0 ** np.arange(-4.0, 2.5, 0.5):
+        shrink = s**2 / (s**2 + lam)
+        resid = ((y - u @ (shrink[:, None] * uty)) ** 2).sum()
+        gcv = float(resid) / max(n * (1 - float(shrink.sum()) / n) ** 2, 1e-12)
+        if gcv < best:
+            best, coef = gcv, vh.T @ ((s / (s**2 + lam))[:, None] * uty)
+    return coef
+
+
+def control_variate(
+    sampler: MaskSampler, scores: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-fitted linear control variate for the SPES estimator.
+
+    The score of a mask is mostly explained by *how much* of each stretch of time it occludes.
+    A surrogate ``h(m) = (x(m) - p) . g`` on the occluded share ``x`` of ``N_BINS`` time bins is
+    fitted (ridge, :func:`ridge_gcv`) on the masks of one part and applied to the masks of its
+    partner part in the same half (parts ``(m // 2) % 4``: 0 with 2, 1 with 3), so each half's
+    map stays independent of the other half and split-half reliability stays honest. The
+    estimator becomes ``mean_{m_c = 1}(f - h) + E[h | m_c = 1]``: the same expectation as SPES for
+    any ``g`` (``E[h | m_c = 1]`` is known in closed form: with unit ``u`` of ``c`` occluded,
+    bin ``b`` is occluded at ``p + (1 - p) |u & b| / |b|``), with the variance of ``f - h``.
+
+    Returns the residual scores (masks, tokens) and the summed corrections ``sum_{m_c=1}
+    E[h | m_c = 1, granularity of m]`` per fold, shape = (folds, tokens, cells)."""
+    n = scores.shape[0]
+    masks = sampler.masks(0, n)
+    bins = time_bins(masks.shape[1])
+    x = bin_features(masks, bins) - sampler.p
+    parts = (np.arange(n) // 2) % N_PARTS
+    n_cells, n_tokens = int(np.prod(sampler.cells_shape)), scores.shape[1]
+    cell_bins = torch.tensor(np.broadcast_to(
+        bins.reshape(-1, *[1] * (len(sampler.cells_shape) - 1)), sampler.cells_shape
+    ).reshape(-1))  # fmt: skip
+    bin_size = torch.bincount(cell_bins).double()
+    residual = scores.clone()
+    correction = torch.zeros(N_FOLDS, n_tokens, n_cells, dtype=torch.float64)
+    flat = masks.reshape(n, n_cells)
+    for part in range(N_PARTS):
+        rows = np.flatnonzero(parts == part)
+        partner = np.flatnonzero(parts == (part + N_FOLDS) % N_PARTS)
+        if rows.size == 0 or partner.size < 4:
+            continue  # too few masks to fit on: these masks keep their plain scores
+        coef = ridge_gcv(x[partner], scores[partner])  # (bins, tokens)
+        residual[rows] -= x[rows] @ coef
+        for g, labels in enumerate(sampler.label_maps):
+            sel = rows[sampler.granularity[rows] == g]
+            if sel.size == 0:
+                continue
+            lab = labels.reshape(-1)
+            overlap = torch.zeros(int(lab.max()) + 1, len(bin_size), dtype=torch.float64)
+            overlap.index_put_((lab, cell_bins), torch.ones(n_cells, dtype=torch.float64),
+                               accumulate=True)  # fmt: skip
+            k = (1 - sampler.p) * (overlap / bin_size) @ coef  # (units, tokens)
+            times = flat[sel].sum(0).double()  # masks of this part and granularity occluding c
+            correction[part % N_FOLDS] += k[lab].T * times
+    return residual, correction
 
 
 def _empty_cache() -> None:

@@ -38,9 +38,11 @@ from .decode import Transcript, decode, features
 from .gradients import GRADIENT_METHODS, gradient_maps
 from .models import LoadedModel, attention_implementation
 from .perturbation import (
+    CONTROLLED,
     MaskSampler,
     MaskStatistics,
     PerturbationOptions,
+    accumulate,
     auto_batch_size,
     distinct_label_maps,
     frame_groups,
@@ -257,8 +259,28 @@ def _batch_size(loaded: LoadedModel, options: PerturbationOptions, n_tokens: int
     return auto_batch_size(loaded.device, per_mask)
 
 
+@dataclass(frozen=True)
+class MaskRun:
+    """The masks and per-mask scores of one SPES map: ``stats`` (with ``scores``), the
+    ``sampler`` that replays the masks, and the map's ``shape`` (tokens, *cells)."""
+
+    sampler: MaskSampler
+    stats: MaskStatistics
+    shape: tuple[int, ...]
+
+    def maps(self, n_masks: int | None = None, design: str | None = None):
+        """(map, fold maps) from the first ``n_masks`` masks, without forwards; ``design``
+        ``"control"`` adds the control variate to the same masks and scores (see
+        :func:`~xattn_utils.perturbation.control_variate`)."""
+        if n_masks is None and design is None:
+            return _maps(self.stats, self.shape)
+        control = (design or self.sampler.design) in CONTROLLED
+        stats = accumulate(self.sampler, self.stats.scores, stop=n_masks, control=control)
+        return _maps(stats, self.shape)
+
+
 @torch.no_grad()
-def input_saliency_spes(
+def input_spes_run(
     loaded: LoadedModel,
     mel: torch.Tensor,
     tr: Transcript,
@@ -268,9 +290,8 @@ def input_saliency_spes(
     options: PerturbationOptions,
     seed: int = 0,
     progress: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """SPES SM_X over the first ``n_mel`` mel frames. Returns the map (tokens, mel_frames,
-    mel_bins) and the two fold maps (2, tokens, mel_frames, mel_bins)."""
+) -> MaskRun:
+    """The masked forwards of SPES SM_X over the first ``n_mel`` mel frames."""
     spec = mel[0, :, :n_mel].T.float().cpu().numpy()  # (mel_frames, mel_bins)
     counts = segment_counts(n_mel, options.granularities)
     label_maps = distinct_label_maps([slic_segments(spec, k) for k in counts])
@@ -281,7 +302,7 @@ def input_saliency_spes(
 
 
 @torch.no_grad()
-def encoder_saliency_spes(
+def encoder_spes_run(
     loaded: LoadedModel,
     mel: torch.Tensor,
     tr: Transcript,
@@ -291,9 +312,8 @@ def encoder_saliency_spes(
     options: PerturbationOptions,
     seed: int = 0,
     progress: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """SPES SM_H over the first ``n_enc`` encoder frames. Returns the map (tokens, enc_frames)
-    and the two fold maps (2, tokens, enc_frames)."""
+) -> MaskRun:
+    """The masked forwards of SPES SM_H over the first ``n_enc`` encoder frames."""
     label_maps = [frame_groups(n_enc, w) for w in options.enc_groups]
     score_fn = encoder_score_fn(loaded, mel, tr, logits, n_enc, scorer=options.scorer)
     batch_size = 4 * _batch_size(loaded, options, len(tr))  # decoder-only forwards are light
@@ -301,6 +321,18 @@ def encoder_saliency_spes(
     return _spes(
         loaded, label_maps, score_fn, shape, options, seed + 1, batch_size, progress, "SM_H"
     )
+
+
+def input_saliency_spes(*args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    """SPES SM_X (:func:`input_spes_run`'s arguments). Returns the map (tokens, mel_frames,
+    mel_bins) and the two fold maps (2, tokens, mel_frames, mel_bins)."""
+    return input_spes_run(*args, **kwargs).maps()
+
+
+def encoder_saliency_spes(*args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    """SPES SM_H (:func:`encoder_spes_run`'s arguments). Returns the map (tokens, enc_frames)
+    and the two fold maps (2, tokens, enc_frames)."""
+    return encoder_spes_run(*args, **kwargs).maps()
 
 
 def _spes(
@@ -313,8 +345,8 @@ def _spes(
     batch_size: int,
     progress: bool,
     name: str,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Draw the masks, run them (sdpa attention) and return (map, fold maps) in ``shape``."""
+) -> MaskRun:
+    """Draw the masks and run them (sdpa attention)."""
     sampler = MaskSampler(
         label_maps, options.n_masks, p=options.p, design=options.design, seed=seed
     )
@@ -326,7 +358,7 @@ def _spes(
             batch_size=batch_size,
             progress=f"{name} masks" if progress else False,
         )
-    return _maps(stats, shape)
+    return MaskRun(sampler=sampler, stats=stats, shape=shape)
 
 
 def mel_score_fn(

@@ -1,0 +1,219 @@
+"""How many masks does a perturbation map need? Reliability and CA correlation vs mask count.
+
+One run of ``n_masks`` masks per mask design gives every smaller count for free: each mask's
+scores are kept (:class:`~xattn_utils.saliency.MaskRun`), so the map of the first ``n`` masks is
+replayed without forwards, and the control-variate designs reuse the forwards of the plain
+designs with the same masks (``"control"`` those of ``"iid"``, ``"antithetic-control"`` those of
+``"antithetic"``).
+
+At each count ``n`` a map's **reliability** is the split-half correlation of its two halves'
+maps, extended to all ``n`` masks by Spearman-Brown (:func:`~xattn_utils.compare.reliability`,
+pooled to the encoder grid as the comparison pools it). The mask count that reaches a target
+reliability (0.9) is read off the curve where it is reached, and extrapolated by Spearman-Brown
+from the largest count where it is not (``extrapolated`` says which).
+
+Rows of :func:`convergence` / :func:`convergence_corpus`: one per (map, design, n_masks) with
+``half``, ``reliability``, ``r`` (CA, mean of all heads, vs the map; special tokens excluded)
+and ``r_corrected`` (``r / sqrt(reliability)``, Spearman's correction for attenuation).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import replace
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .attention import forward_attention, head_mean
+from .audio import load_audio, n_enc_frames, n_mel_frames
+from .compare import (
+    bootstrap_ci,
+    disattenuate,
+    disattenuated_ci,
+    pool_to_enc,
+    reliability,
+    utterance_score,
+)
+from .decode import decode, features
+from .models import LoadedModel
+from .perturbation import DESIGNS, PerturbationError, PerturbationOptions
+from .saliency import corpus_entry, encoder_spes_run, input_spes_run
+
+# the design whose forwards each design reuses
+FORWARDS_OF = {"iid": "iid", "antithetic": "antithetic", "control": "iid",
+               "antithetic-control": "antithetic"}  # fmt: skip
+MAPS = ("SM_X", "SM_H")
+TARGET = 0.9
+
+
+def checkpoints(n_masks: int, n_points: int = 5) -> list[int]:
+    """Mask counts ``n_masks / 2**k`` (multiples of 8, at least 8), smallest first."""
+    if n_masks < 8:
+        raise PerturbationError(f"convergence needs at least 8 masks, got {n_masks}")
+    counts = {max(8, (n_masks >> k) // 8 * 8) for k in range(n_points)}
+    return sorted(counts | {n_masks})
+
+
+def convergence(
+    loaded: LoadedModel,
+    audio: np.ndarray | str,
+    *,
+    n_masks: int = 256,
+    designs: Sequence[str] = DESIGNS,
+    maps: Sequence[str] = MAPS,
+    text: str | None = None,
+    task: str = "transcribe",
+    language: str | None = None,
+    options: PerturbationOptions = PerturbationOptions(),  # noqa: B008 (frozen)
+    seed: int = 0,
+    utterance: str = "",
+    progress: bool = True,
+) -> pd.DataFrame:
+    """Reliability and CA correlation of each map under each design at :func:`checkpoints` of
+    ``n_masks``, for one utterance. Forwards: ``n_masks`` per map per distinct mask design."""
+    bad = [d for d in designs if d not in DESIGNS]
+    if bad or not designs:
+        raise PerturbationError(f"unknown mask designs {bad}: use some of {DESIGNS}")
+    if not maps or any(m not in MAPS for m in maps):
+        raise PerturbationError(f"maps must be some of {MAPS}, got {list(maps)}")
+    audio = load_audio(audio)
+    tr = decode(loaded, audio, text=text, task=task, language=language)
+    mel = features(loaded, audio)
+    with torch.no_grad():
+        ca, logits = forward_attention(loaded, mel, tr)
+    n_mel, n_enc = n_mel_frames(audio), n_enc_frames(audio)
+    ca_all = head_mean(ca[..., :n_enc])
+    keep = [not s for s in tr.special]
+    counts = checkpoints(n_masks)
+    rows = []
+    for mask_design in dict.fromkeys(FORWARDS_OF[d] for d in designs):
+        opts = replace(options, n_masks=n_masks, design=mask_design)
+        for name in maps:
+            run_fn = input_spes_run if name == "SM_X" else encoder_spes_run
+            cells = n_mel if name == "SM_X" else n_enc
+            run = run_fn(loaded, mel, tr, logits, cells, options=opts, seed=seed,
+                         progress=progress)  # fmt: skip
+            for design in (d for d in designs if FORWARDS_OF[d] == mask_design):
+                for n in counts:
+                    sm, folds = run.maps(n, design)
+                    rel = reliability(folds, special=tr.special)
+                    pooled = pool_to_enc(sm) if sm.ndim == 3 else sm
+                    r = utterance_score(ca_all, pooled, keep=keep).mean
+                    rows.append({"map_name": name, "design": design, "n_masks": n,
+                                 "half": rel.half, "reliability": rel.full, "r": r,
+                                 "r_corrected": float(disattenuate(r, rel.full))})  # fmt: skip
+    frame = pd.DataFrame(rows)
+    frame.insert(0, "utterance", utterance)
+    frame.insert(1, "model", loaded.name)
+    frame.insert(2, "task", task)
+    return frame
+
+
+def convergence_corpus(
+    loaded: LoadedModel,
+    utterances: Sequence,
+    *,
+    store=None,
+    task: str = "transcribe",
+    language: str | None = None,
+    use_reference_text: bool = False,
+    progress: bool = True,
+    **kwargs,
+) -> pd.DataFrame:
+    """:func:`convergence` of each utterance (``kwargs`` pass through; language and text as
+    :func:`~xattn_utils.saliency.explain_corpus` picks them), one store entry per utterance so
+    that an interrupted run keeps what it finished. Adds ``subset``."""
+    frames = []
+    for utt in utterances:
+        key, lang, text = corpus_entry(
+            loaded, utt, task=task, language=language, use_reference_text=use_reference_text,
+            method="convergence", **kwargs,
+        )  # fmt: skip
+        if store is not None and store.has(key):
+            frame = pd.DataFrame(store.get(key)[1]["rows"])
+        else:
+            frame = convergence(loaded, utt.load(), text=text, task=task, language=lang,
+                                utterance=utt.id, progress=progress, **kwargs)  # fmt: skip
+            if store is not None:
+                store.put(key, {}, {"kind": "convergence", "rows": frame.to_dict("records")})
+        frames.append(frame.assign(subset=utt.subset))
+    return pd.concat(frames, ignore_index=True)
+
+
+def masks_needed(
+    reliabilities: Sequence[float], counts: Sequence[int], target: float = TARGET
+) -> tuple[float, bool]:
+    """(mask count reaching ``target`` reliability, extrapolated?). Where the curve ends at or
+    above the target: interpolated linearly in log count across its last upward crossing.
+    Otherwise (or where it starts above): Spearman-Brown from the nearest end of the curve,
+    ``n * t (1 - r) / (r (1 - t))``. NaN for a target or reliability <= 0."""
+    rel, n = np.asarray(reliabilities, float), np.asarray(counts, float)
+    if not 0 < target < 1 or not np.isfinite(rel[-1]):
+        return math.nan, True
+
+    def spearman_brown_count(i: int) -> float:
+        r = rel[i]
+        return float(n[i] * target * (1 - r) / (r * (1 - target))) if r > 0 else math.nan
+
+    if rel[-1] < target:
+        return spearman_brown_count(-1), True
+    below = np.flatnonzero(~(rel[:-1] >= target))  # NaN counts as below
+    if below.size == 0:
+        return spearman_brown_count(0), True
+    i = below[-1]
+    if not np.isfinite(rel[i]):
+        return float(n[i + 1]), False
+    frac = (target - rel[i]) / (rel[i + 1] - rel[i])
+    return float(np.exp(np.log(n[i]) + frac * np.log(n[i + 1] / n[i]))), False
+
+
+def summary_table(
+    table: pd.DataFrame, *, target: float = TARGET, by: Sequence[str] = ("model", "task")
+) -> pd.DataFrame:
+    """Per (``by``, map, design): mean reliability and r at the largest count, the masks
+    needed for ``target`` reliability (from the utterance-mean curve), and the forwards each
+    design needs to match i.i.d. masks' reliability at the largest count, with the ratio
+    ``iid forwards / design forwards`` (above 1: the design converges faster)."""
+    rows = []
+    keys = [*by, "map_name"]
+    for key, g in table.groupby(keys, sort=False):
+        curves = g.groupby(["design", "n_masks"])[["reliability", "r", "r_corrected"]].mean()
+        n_max = int(g["n_masks"].max())
+        base = curves.loc[("iid", n_max), "reliability"] if ("iid", n_max) in curves.index else None
+        for design in g["design"].unique():
+            c = curves.loc[design].sort_index()
+            needed, extrapolated = masks_needed(c["reliability"], c.index, target)
+            row = dict(zip(keys, key, strict=True)) | {"design": design, "n_masks": n_max}
+            row |= {k: c.loc[n_max, k] for k in ("reliability", "r", "r_corrected")}
+            row |= {f"masks_for_{target:g}": needed, "extrapolated": extrapolated}
+            if base is not None:
+                match, _ = masks_needed(c["reliability"], c.index, base)
+                row |= {"forwards_to_match_iid": match, "speedup_vs_iid": n_max / match}
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def corrected_table(
+    table: pd.DataFrame,
+    *,
+    by: Sequence[str] = ("model", "task", "map_name", "design"),
+    n_boot: int = 2000,
+    seed: int = 0,
+) -> pd.DataFrame:
+    """At the largest mask count: observed r and r corrected for attenuation
+    (:func:`~xattn_utils.compare.disattenuated_ci`), each with a 95% bootstrap CI over
+    utterances, and the mean reliability."""
+    top = table[table["n_masks"] == table.groupby(list(by))["n_masks"].transform("max")]
+    rows = []
+    for key, g in top.groupby(list(by), sort=False):
+        obs = bootstrap_ci(g["r"], n_boot=n_boot, seed=seed)
+        cor = disattenuated_ci(g["r"], g["reliability"], n_boot=n_boot, seed=seed)
+        rows.append(dict(zip(by, key, strict=True)) | {
+            "r": obs.mean, "r_low": obs.low, "r_high": obs.high,
+            "reliability": float(g["reliability"].mean()), "r_corrected": cor.mean,
+            "r_corrected_low": cor.low, "r_corrected_high": cor.high, "n": obs.n,
+        })  # fmt: skip
+    return pd.DataFrame(rows)
