@@ -73,7 +73,8 @@ def convergence(
     progress: bool = True,
 ) -> pd.DataFrame:
     """Reliability and CA correlation of each map under each design at :func:`checkpoints` of
-    ``n_masks``, for one utterance. Forwards: ``n_masks`` per map per distinct mask design."""
+    its mask count (``n_masks`` for SM_X, ``n_masks * options.enc_mask_factor`` for SM_H), for
+    one utterance; each distinct mask design runs those masks once."""
     bad = [d for d in designs if d not in DESIGNS]
     if bad or not designs:
         raise PerturbationError(f"unknown mask designs {bad}: use some of {DESIGNS}")
@@ -87,7 +88,7 @@ def convergence(
     n_mel, n_enc = n_mel_frames(audio), n_enc_frames(audio)
     ca_all = head_mean(ca[..., :n_enc])
     keep = [not s for s in tr.special]
-    counts = checkpoints(n_masks)
+    checkpoints(n_masks)  # fails early on too few masks
     rows = []
     for mask_design in dict.fromkeys(FORWARDS_OF[d] for d in designs):
         opts = replace(options, n_masks=n_masks, design=mask_design)
@@ -97,7 +98,7 @@ def convergence(
             run = run_fn(loaded, mel, tr, logits, cells, options=opts, seed=seed,
                          progress=progress)  # fmt: skip
             for design in (d for d in designs if FORWARDS_OF[d] == mask_design):
-                for n in counts:
+                for n in checkpoints(run.sampler.n_masks):
                     sm, folds = run.maps(n, design)
                     rel = reliability(folds, special=tr.special)
                     pooled = pool_to_enc(sm) if sm.ndim == 3 else sm

@@ -216,6 +216,7 @@ def explain(
         )
         params |= {
             "n_masks": options.n_masks,
+            "enc_mask_factor": options.enc_mask_factor,
             "p": options.p,
             "granularities": list(options.granularities),
             "enc_groups": list(options.enc_groups),
@@ -313,8 +314,10 @@ def encoder_spes_run(
     seed: int = 0,
     progress: bool = True,
 ) -> MaskRun:
-    """The masked forwards of SPES SM_H over the first ``n_enc`` encoder frames."""
+    """The masked forwards of SPES SM_H over the first ``n_enc`` encoder frames
+    (``options.n_masks * options.enc_mask_factor`` masks)."""
     label_maps = [frame_groups(n_enc, w) for w in options.enc_groups]
+    options = replace(options, n_masks=options.n_masks * options.enc_mask_factor)
     score_fn = encoder_score_fn(loaded, mel, tr, logits, n_enc, scorer=options.scorer)
     batch_size = 4 * _batch_size(loaded, options, len(tr))  # decoder-only forwards are light
     shape = (len(tr), n_enc)
