@@ -115,3 +115,15 @@ def test_corpus_results_come_back_from_the_store(tiny, tmp_path, monkeypatch):
 
 def _no_forwards(*args, **kwargs):
     raise AssertionError("recomputed although the store holds the result")
+
+
+def test_plot_convergence_draws_one_line_per_design(table):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from xattn_utils import plots
+
+    ax = plots.plot_convergence(table, map_name="SM_H", y="reliability", target=0.9)
+    assert len(ax.get_lines()) == len(DESIGNS) + 1  # + the target line
+    ax = plots.plot_convergence(table, map_name="SM_X", y="r")
+    assert len(ax.get_lines()) == 2 * len(DESIGNS)  # observed and corrected

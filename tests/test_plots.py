@@ -11,6 +11,7 @@ matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 from matplotlib.axes import Axes  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
@@ -209,3 +210,29 @@ def test_select_utterances_is_balanced_and_prefix_stable():
 def test_save_metrics(tmp_path, table):
     path = report.save_metrics(report.headline(table), tmp_path / "m", "01_x.random-tiny")
     assert path.name == "01_x.random-tiny_headline.csv" and path.is_file()
+
+
+def test_headline_carries_reliability_and_corrected_r(explanations, utterances, table):
+    rel = report.reliability_table(explanations, utterances)
+    head = report.headline(table, rel)
+    assert {"reliability", "r_corrected", "r_corrected_low", "r_corrected_high"} <= set(head)
+    for row in head.itertuples():
+        map_name = row.comparison.split()[-1]  # "CA vs SM_X" -> "SM_X"
+        assert row.reliability == pytest.approx(rel[rel["map_name"] == map_name]["full"].mean())
+    ok = head["reliability"] > 0
+    assert (np.sign(head.loc[ok, "r_corrected"]) == np.sign(head.loc[ok, "mean"])).all()
+
+
+def test_index_states_the_maps_reliability(tmp_path):
+    metrics = tmp_path / "metrics"
+    metrics.mkdir()
+    pd.DataFrame([
+        {"model": "tiny.en", "task": "transcribe", "map_name": "SM_X", "design": "iid",
+         "n_masks": 128, "mean": 0.05, "masks_for_0.9": 21000.0, "extrapolated": True},
+        {"model": "tiny.en", "task": "transcribe", "map_name": "SM_X", "design": "control",
+         "n_masks": 128, "mean": 0.06, "masks_for_0.9": 19000.0, "extrapolated": True},
+    ]).to_csv(metrics / "06_convergence.tiny.en_headline.csv", index=False)  # fmt: skip
+    page = report.write_index(tmp_path, ["06_convergence.tiny.en"], {}, 60).read_text()
+    assert "Reliability of the saliency maps" in page
+    assert "reliability 0.05 at 128 masks; 0.9 needs about 21,000 masks (extrapolated)" in page
+    assert "19,000" not in page  # only the default design is stated
