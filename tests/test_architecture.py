@@ -158,7 +158,13 @@ def _source(cell: dict) -> str:
 
 
 def test_there_are_notebooks():
-    assert [p.stem[:2] for p in NOTEBOOKS] == ["00", "01", "02", "03", "90"]
+    assert [p.stem[:2] for p in NOTEBOOKS] == ["00", "01", "02", "03", "04", "05", "06", "90"]
+
+
+def test_every_notebook_joins_the_report():
+    from xattn_utils.report import NOTEBOOKS as IN_REPORT
+
+    assert sorted(IN_REPORT) == [p.stem for p in NOTEBOOKS]
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)

@@ -24,6 +24,7 @@ compare word timings on demo utterances, on whisper's transcript (teacher-forced
 from __future__ import annotations
 
 import dataclasses
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -352,3 +353,131 @@ def test_default_pipeline_agrees_with_openai_whisper(reference, uid):
     )
     assert core.mean() < 0.03 and (core <= 0.02 + 1e-9).mean() >= 0.85
     assert final.mean() < 0.04
+
+
+# -- corpus tables ------------------------------------------------------------------------------
+
+GOLD_DIAGONAL = [  # the words of diagonal_map(), at the times its blocks give them
+    Word(w, BOUNDS[a] * 0.02, BOUNDS[b] * 0.02)
+    for w, a, b in [("The", 0, 1), ("cat", 1, 2), ("sat", 3, 4), ("on", 4, 5), ("the", 5, 6),
+                    ("mat", 6, 7)]
+]  # fmt: skip
+
+
+def planted_explanation(uid: str, *, task: str = "transcribe") -> xu.Explanation:
+    """Layer 1 (the alignment heads) and both saliency maps hold diagonal_map(); layer 0 noise."""
+    m = torch.from_numpy(diagonal_map()).float()
+    noise = torch.rand((2, *m.shape), generator=torch.Generator().manual_seed(0))
+    ca = torch.stack([noise / noise.sum(-1, keepdim=True), torch.stack([m, m])])
+    special = tuple(t.startswith("<|") for t in TOKENS)
+    n = len(TOKENS)
+    transcript = xu.Transcript(tuple(range(n)), tuple(range(1, n + 1)), tuple(TOKENS), special,
+                               "The cat, sat on the mat.", task, "en")  # fmt: skip
+    return xu.Explanation(
+        transcript=transcript,
+        cross_attention=ca,
+        input_saliency=m.repeat_interleave(2, 1)[:, :, None].repeat(1, 1, 8),
+        encoder_saliency=m,
+        model="planted",
+        method="spes",
+        params={"task": task},
+        alignment_heads=((1, 0), (1, 1)),
+        duration=2.2,
+        utterance=uid,
+    )
+
+
+def gold_utterance(uid, subset, shift=0.0, words=GOLD_DIAGONAL):
+    words = tuple(dataclasses.replace(w, start=w.start + shift, end=w.end + shift) for w in words)
+    return SimpleNamespace(id=uid, subset=subset, words=words, skip_first_start=False)
+
+
+@pytest.fixture(scope="module")
+def planted_table():
+    utts = [gold_utterance("u1", "synthetic"), gold_utterance("u2", "real", shift=0.06)]
+    utts.append(gold_utterance("u3", "real", words=()))
+    exps = [planted_explanation(u) for u in ("u1", "u2", "u3")]
+    exps.append(planted_explanation("u1", task="translate"))
+    extra = {"gold": {"u1": GOLD_DIAGONAL}}
+    return T.timing_table(exps, utts, extra=extra)
+
+
+def test_timing_table_recovers_planted_word_times(planted_table):
+    t = planted_table.set_index(["utterance", "map"])
+    assert set(t.loc["u1"].index) == {
+        "CA alignment", "CA all", "CA best layer", "SM_H", "SM_X", "gold",
+    }  # fmt: skip
+    assert t.loc[("u1", "CA best layer"), "view"] == "L1"  # the planted layer, not the noise
+    for name in ["CA alignment", "CA best layer", "SM_H", "SM_X", "gold"]:
+        row = t.loc[("u1", name)]
+        assert row["mae_ms"] == pytest.approx(0, abs=1e-6), name
+        assert row["within_50ms"] == 1 and row["f1_50ms"] == 1 and row["n_matched_words"] == 6
+        # gold 60 ms later: every boundary 60 ms early
+        row = t.loc[("u2", name)] if name != "gold" else None
+        if row is not None:
+            assert row["bias_ms"] == pytest.approx(-60) and row["mae_ms"] == pytest.approx(60)
+            assert (row["within_50ms"], row["within_100ms"]) == (0, 1)
+    assert planted_table.attrs["skipped"] == {
+        "planted/transcribe/u3": "no gold word timings",
+        "planted/translate/u1": "translation: the gold words are in the source language",
+    }
+    assert set(planted_table["task"]) == {"transcribe"}
+    layers = T.timing_table([planted_explanation("u1")], [gold_utterance("u1", "s")],
+                            best_layer_by=None)  # fmt: skip
+    assert {"CA L0", "CA L1"} <= set(layers["map"])
+
+
+def test_timing_summary_pools_utterances(planted_table):
+    summary = T.timing_summary(planted_table, seed=0)
+    s = summary.set_index(["subset", "map", "metric"])
+    assert s.loc[("all", "SM_H", "within_50ms"), "mean"] == pytest.approx(0.5)
+    assert s.loc[("all", "SM_H", "within_50ms"), "pooled"] == pytest.approx(0.5)
+    assert s.loc[("all", "SM_H", "mae_ms"), "mean"] == pytest.approx(30)
+    row = s.loc[("all", "SM_H", "within_100ms")]
+    assert (row["mean"], row["low"], row["high"], row["n"], row["n_words"]) == (1, 1, 1, 2, 12)
+    assert s.loc[("real", "SM_H", "bias_ms"), "mean"] == pytest.approx(-60)
+    assert s.loc[("synthetic", "SM_H", "within_50ms"), "n"] == 1
+    assert s.loc[("all", "gold", "within_50ms"), "n"] == 1  # extra maps only where given
+    assert set(summary["metric"]) == set(T.METRICS)
+    assert T.timing_summary(planted_table.iloc[:0]).empty
+    errors = T.boundary_errors(planted_table)
+    sm_h = errors[errors["map"] == "SM_H"]
+    assert len(sm_h) == 24 and set(sm_h["boundary"]) == {"start", "end"}
+    np.testing.assert_allclose(sm_h.groupby("utterance")["error_ms"].mean(), [0, -60], atol=1e-6)
+
+
+def test_whisper_comparison_and_skips(tiny):
+    ours = T.word_timings(diagonal_map(), TOKENS)
+    later = [{"word": w.word, "start": w.start + 0.01, "end": w.end + 0.02} for w in ours]
+    table = T.whisper_comparison([planted_explanation("u1")], {"u1": later[1:]})
+    assert list(table["word"]) == ["cat", "sat", "on", "the", "mat"]
+    np.testing.assert_allclose(table["d_start_ms"], -10, atol=1e-6)
+    np.testing.assert_allclose(table["d_end_ms"], -20, atol=1e-6)
+    assert T.whisper_comparison([planted_explanation("u1")], {}).empty
+    words, note = T.whisper_words(tiny, [], task="translate")
+    assert words == {} and "skipped" in note
+    words, note = T.whisper_words(tiny, [])
+    assert words == {} and "random test model" in note
+
+
+def test_plot_timing_errors_returns_axes(planted_table):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from xattn_utils import plots
+
+    ax = plots.plot_timing_errors(T.boundary_errors(planted_table))
+    labels = [t.get_text() for t in ax.get_yticklabels()]
+    assert labels[:4] == ["CA alignment", "CA all", "CA best layer", "SM_H"]
+    summary = T.timing_summary(planted_table)
+    ax = plots.plot_timing_errors(summary, metric="within_50ms")
+    assert [t.get_text() for t in ax.get_xticklabels()][:3] == [
+        "CA alignment", "CA all", "CA best layer",
+    ]  # fmt: skip
+    assert len(ax.get_legend().get_texts()) == 3  # all, synthetic, real
+    for empty in [T.boundary_errors(T.timing_table([], [])), summary.iloc[:0]]:
+        ax = plots.plot_timing_errors(empty, metric=None if "error_ms" in empty else "mae_ms")
+        assert "no boundaries" in ax.texts[0].get_text()
+    plt.close("all")

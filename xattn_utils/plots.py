@@ -354,3 +354,106 @@ def plot_cumulative(table: pd.DataFrame, *, hue: str = "map_name", ax: Axes | No
     )
     ax.legend(title="", fontsize="small")
     return ax
+
+
+def plot_timing_errors(
+    table: pd.DataFrame,
+    *,
+    metric: str | None = None,
+    x: str = "map",
+    hue: str | None = "subset",
+    tolerances_ms: tuple[float, ...] = (50, 100),
+    ax: Axes | None = None,
+) -> Axes:
+    """Word timestamps against gold, per map (``x``) and ``hue``.
+
+    ``metric=None``: ``table`` is :func:`~xattn_utils.timestamps.boundary_errors` (one row per
+    boundary): box plots of the signed errors (predicted minus gold, ms; > 0 late; whiskers 1.5
+    IQR, outliers not drawn) over shaded bands of +-``tolerances_ms``. ``metric`` (e.g.
+    ``"within_100ms"``, ``"mae_ms"``): ``table`` is a
+    :func:`~xattn_utils.timestamps.timing_summary`; its means with their 95% CIs.
+    """
+    data = table if metric is None else table[table["metric"] == metric]
+    order = list(dict.fromkeys(data[x])) if len(data) else []
+    groups = list(dict.fromkeys(data[hue])) if hue and len(data) else [None]
+    if metric is not None:
+        ax = _axes(ax, (7, 3.8))
+        width = 0.6 / len(groups)
+        for g, (group, color) in enumerate(zip(groups, sns.color_palette(), strict=False)):
+            sub = (data if group is None else data[data[hue] == group]).set_index(x).reindex(order)
+            pos = np.arange(len(order)) + (g - (len(groups) - 1) / 2) * width
+            mean, low, high = (sub[c].to_numpy(dtype=float) for c in ("mean", "low", "high"))
+            ax.errorbar(pos, mean, yerr=[mean - low, high - mean], fmt="o", color=color,
+                        capsize=4, ms=7, label=group)  # fmt: skip
+        ax.set_xticks(range(len(order)), order, rotation=30, ha="right")
+        ax.set(xlabel="", ylabel=metric, title=f"{metric} (mean over utterances, 95% CI)")
+    else:
+        ax = _axes(ax, (8, 1.2 + 0.5 * len(order)))
+        for tol, alpha in zip(
+            sorted(tolerances_ms, reverse=True), (0.08, 0.16, 0.24), strict=False
+        ):
+            ax.axvspan(-tol, tol, color="0.4", alpha=alpha, lw=0, label=f"+-{tol:g} ms")
+        ax.axvline(0, color="0.3", lw=0.8)
+        if order:
+            sns.boxplot(data, x="error_ms", y=x, hue=hue, order=order, showfliers=False, ax=ax)
+        ax.set(xlabel="boundary error, ms (predicted - gold; > 0 late)", ylabel="")
+        ax.set_title("Word-boundary errors against gold (outliers not drawn)")
+    if not order:
+        ax.text(0.5, 0.5, "no boundaries to score", ha="center", transform=ax.transAxes)
+    elif hue:
+        ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1, 1))
+    return ax
+
+
+def plot_convergence(
+    table: pd.DataFrame,
+    *,
+    map_name: str = "SM_X",
+    y: str = "reliability",
+    target: float | None = None,
+    ax: Axes | None = None,
+) -> Axes:
+    """A map's ``y`` (``"reliability"`` or ``"r"``, with ``r_corrected`` dotted) against the
+    number of masks, one line per mask design (mean over utterances); ``table`` holds
+    :func:`~xattn_utils.convergence.convergence` rows. ``target`` draws a dashed line."""
+    ax = _axes(ax, (6, 3.8))
+    data = table[table["map_name"] == map_name]
+    means = data.groupby(["design", "n_masks"], sort=False)[[y, "r_corrected"]].mean()
+    for (design, sub), color in zip(means.groupby(level=0, sort=False), sns.color_palette(),
+                                    strict=False):  # fmt: skip
+        n = sub.index.get_level_values("n_masks")
+        ax.plot(n, sub[y], "o-", color=color, label=design)
+        if y == "r":
+            ax.plot(n, sub["r_corrected"], ":", color=color)
+    if target is not None:
+        ax.axhline(target, color="0.4", ls="--", lw=1)
+    ax.set_xscale("log", base=2)
+    label = {"reliability": "reliability (Spearman-Brown)", "r": "r with CA (dotted: corrected)"}
+    ax.set(xlabel="masks", ylabel=label.get(y, y), title=f"{map_name}: {label.get(y, y)}")
+    ax.legend(title="design", fontsize="small")
+    return ax
+
+
+def plot_faithfulness_curves(curves, *, mode: str = "deletion", ax: Axes | None = None) -> Axes:
+    """Deletion or insertion curves: the reference token's probability (mean over evaluated
+    tokens) against the share of speech frames occluded (deletion) or revealed (insertion),
+    most relevant first, one line per explanation; ``"random"`` dashed. ``curves`` is a tidy
+    frame (``faithfulness.curves_table``) or a list of ``faithfulness.Curves``; the x axis is
+    the requested fraction (``target``), which the used one differs from by under a frame."""
+    ax = _axes(ax, (6, 3.8))
+    if not isinstance(curves, pd.DataFrame):
+        curves = pd.concat([c.to_frame() for c in curves] or [pd.DataFrame(columns=["mode"])])
+    data = curves[curves["mode"] == mode]
+    if data.empty:
+        ax.text(0.5, 0.5, f"no {mode} curves", ha="center", transform=ax.transAxes)
+        return ax
+    x = "target" if "target" in data else "fraction"
+    methods = list(dict.fromkeys(data["method"]))
+    dashes = {m: (4, 2) if m == "random" else "" for m in methods}
+    sns.lineplot(data, x=x, y="probability", hue="method", hue_order=methods, style="method",
+                 dashes=dashes, markers=True, errorbar=None, ax=ax)  # fmt: skip
+    verb = "occluded" if mode == "deletion" else "revealed"
+    ax.set(xlabel=f"share of speech frames {verb}, most relevant first",
+           ylabel="p(reference token), mean", xlim=(0, 1), ylim=(0, None), title=mode)  # fmt: skip
+    ax.legend(fontsize="small", title=None)
+    return ax

@@ -34,7 +34,7 @@ from .compare import (
     compare_maps,
     corpus_table,
     cumulative_layers,
-    disattenuate,
+    disattenuated_ci,
     pool_to_enc,
     reliability,
     utterance_score,
@@ -49,6 +49,9 @@ NOTEBOOKS = {
     "01_head_level": "each",
     "02_layer_aggregated": "each",
     "03_encoder_vs_input": "all",
+    "04_timestamps": "each",
+    "05_faithfulness": "each",
+    "06_convergence": "each",
     "90_explorer": "first",
 }
 COMPARISONS = ("CA vs SM_X", "CA vs SM_H", "SM_X vs SM_H")
@@ -149,12 +152,19 @@ def cumulative_table(explanations: Sequence, utterances: Sequence = ()) -> pd.Da
 
 
 def headline(
-    table: pd.DataFrame, *, by: Sequence[str] = ("model",), n_boot: int = 2000, seed: int = 0
+    table: pd.DataFrame,
+    reliabilities: pd.DataFrame | None = None,
+    *,
+    by: Sequence[str] = ("model",),
+    n_boot: int = 2000,
+    seed: int = 0,
 ) -> pd.DataFrame:
     """Best single head, best layer and all-head mean of CA vs SM_X and CA vs SM_H per ``by``.
 
     ``table`` is a :func:`correlation_table`. Columns: ``by``, ``comparison``, ``aggregate``,
-    ``view``, ``mean``, ``low``, ``high`` (95% bootstrap CI over utterances), ``n``.
+    ``view``, ``mean``, ``low``, ``high`` (95% bootstrap CI over utterances), ``n``; with
+    ``reliabilities`` (a :func:`reliability_table`) also the map's mean ``reliability`` and
+    ``r_corrected`` with its CI (:func:`~xattn_utils.compare.disattenuated_ci`).
     """
     rows = []
     ca = table[table["kind"].isin(["head", "layer", "all"])]
@@ -168,8 +178,21 @@ def headline(
             row = dict(zip([*by, "comparison"], key, strict=True))
             row |= {"aggregate": aggregate, "view": best["view"]}
             row |= {c: best[c] for c in ("mean", "low", "high", "n")}
+            if reliabilities is not None and not reliabilities.empty:
+                row |= _corrected(group[group["view"] == best["view"]], reliabilities, by,
+                                  n_boot=n_boot, seed=seed)  # fmt: skip
             rows.append(row)
     return pd.DataFrame(rows)
+
+
+def _corrected(rows: pd.DataFrame, reliabilities: pd.DataFrame, by: Sequence[str], **kw) -> dict:
+    """Mean reliability of the map of ``rows`` and r corrected for it, matched by utterance."""
+    r = rows.groupby([*by, "map_name", "utterance"])["r"].mean().rename("r")
+    rel = reliabilities.groupby([*by, "map_name", "utterance"])["full"].mean()
+    both = pd.concat([r, rel], axis=1, join="inner")
+    est = disattenuated_ci(both["r"], both["full"], **kw)
+    return {"reliability": float(both["full"].mean()), "r_corrected": est.mean,
+            "r_corrected_low": est.low, "r_corrected_high": est.high}  # fmt: skip
 
 
 def aggregation_gain(
@@ -218,19 +241,33 @@ def attenuation_table(
     *,
     by: Sequence[str] = ("model", "task", "subset"),
     view: str = "all",
+    n_boot: int = 2000,
+    seed: int = 0,
 ) -> pd.DataFrame:
     """Mean r of CA (``view``) with SM_X and SM_H per ``by``, the maps' mean reliability, and r
     corrected for the maps' noise (:func:`~xattn_utils.compare.disattenuate`): an estimate of
-    the r that infinitely many masks would give. NaN where a map shows no reliable signal."""
+    the r that infinitely many masks would give. Both r with 95% bootstrap CIs over utterances
+    (``r_low``, ``r_high``, ``r_corrected_low``, ``r_corrected_high``). NaN where a map shows
+    no reliable signal."""
     ca = table[(table["view"] == view) & (table["kind"] != "saliency")]
-    out = ca.groupby([*by, "map_name"])["r"].mean().reset_index()
-    if reliabilities.empty:  # no folds: nothing to correct with
-        return out.assign(reliability=np.nan, r_corrected=np.nan)
-    rel = reliabilities.groupby([*by, "map_name"])["full"].mean().rename("reliability")
-    out = out.join(rel, on=[*by, "map_name"])
-    pairs = zip(out["r"], out["reliability"], strict=True)
-    out["r_corrected"] = [float(disattenuate(r, rel)) for r, rel in pairs]
-    return out
+    keys = [*by, "map_name"]
+    per_utt = ca.groupby([*keys, "utterance"])["r"].mean()
+    if not reliabilities.empty:
+        rel = reliabilities.groupby([*keys, "utterance"])["full"].mean().rename("reliability")
+        per_utt = pd.concat([per_utt, rel], axis=1, join="outer")
+    else:  # no folds: nothing to correct with
+        per_utt = per_utt.to_frame().assign(reliability=np.nan)
+    rows = []
+    for key, g in per_utt.reset_index().groupby(keys, sort=False):
+        g = g.dropna(subset=["r"])
+        obs = bootstrap_ci(g["r"], n_boot=n_boot, seed=seed)
+        cor = disattenuated_ci(g["r"], g["reliability"], n_boot=n_boot, seed=seed)
+        rows.append(dict(zip(keys, key, strict=True)) | {
+            "r": obs.mean, "r_low": obs.low, "r_high": obs.high,
+            "reliability": float(g["reliability"].mean()), "r_corrected": cor.mean,
+            "r_corrected_low": cor.low, "r_corrected_high": cor.high, "n": obs.n,
+        })  # fmt: skip
+    return pd.DataFrame(rows)
 
 
 def gap_table(
@@ -475,6 +512,33 @@ def build_report(
     return write_index(out, pages, settings, seconds)
 
 
+def _reliability_note(metrics: Path) -> str:
+    """A paragraph on how reliable the report's saliency maps are, from the convergence
+    notebook's headline CSVs (empty when it did not run)."""
+    from .perturbation import PerturbationOptions
+
+    design, lines = PerturbationOptions().design, []
+    for csv in sorted(metrics.glob("06_convergence*_headline.csv")):
+        df = pd.read_csv(csv)
+        for row in df[df["design"] == design].to_dict("records"):
+            how = "extrapolated" if row["extrapolated"] else "measured"
+            label = html.escape(f"{row['model']} {row['task']} {row['map_name']}")
+            lines.append(
+                f"<li>{label}: reliability {row['mean']:.2f} at {row['n_masks']} masks; 0.9 "
+                f"needs about {row['masks_for_0.9']:,.0f} masks ({how})</li>"
+            )
+    if not lines:
+        return ""
+    return (
+        "<h3>Reliability of the saliency maps</h3><p>Split-half reliability (Spearman-Brown) of "
+        f"each perturbation map with the default mask design ({html.escape(design)}), from "
+        "06_convergence. Below 0.9 a map's noise visibly pulls its correlations with CA toward "
+        "0: the <code>r_corrected</code> columns undo that. Where 0.9 needs more masks than "
+        "this run used, a CPU cannot afford it at the report's scale; read the correlations "
+        "as lower bounds.</p><ul>" + "".join(lines) + "</ul>"
+    )
+
+
 def write_index(out: Path, pages: Sequence[str], params: dict, seconds: float) -> Path:
     """``out/index.html``: links to each report and the headline tables of ``out/metrics``."""
     esc = html.escape
@@ -486,7 +550,7 @@ def write_index(out: Path, pages: Sequence[str], params: dict, seconds: float) -
     settings = "".join(
         f"<tr><th>{esc(k)}</th><td>{esc(str(v))}</td></tr>" for k, v in params.items()
     )
-    tables = ""
+    tables = _reliability_note(out / "metrics")
     for csv in sorted((out / "metrics").glob("*_headline.csv")):
         df = pd.read_csv(csv)
         title = csv.name.removesuffix("_headline.csv")

@@ -22,6 +22,11 @@ Not reproduced, on purpose: ``transcribe()``'s heuristics in ``add_word_timestam
 words longer than twice the median duration next to sentence ends and after pauses, snapping the
 first and last words to the segment timestamps of a timestamp-mode decode, rounding to 10 ms).
 Against openai-whisper on the same weights, tests/test_timestamps.py measures the remaining gap.
+
+Corpus level (notebook 04): :func:`timing_table` times every explanation's words from CA views
+and saliency maps and scores them against gold (:func:`score_timings`); :func:`timing_summary`
+gives means with bootstrap CIs over utterances; :func:`whisper_words` and
+:func:`whisper_comparison` set our alignment-head times next to ``transcribe()``'s.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ import difflib
 import string
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import pandas as pd
@@ -39,7 +44,12 @@ import torch.nn.functional as F
 
 from .attention import CrossAttention, all_heads
 from .audio import ENC_FRAME_SECONDS
+from .compare import bootstrap_ci, pool_to_enc
 from .decode import Transcript
+
+if TYPE_CHECKING:
+    from .models import LoadedModel
+    from .saliency import Explanation
 
 PREPEND_PUNCTUATIONS = "\"'“¿([{-"
 APPEND_PUNCTUATIONS = "\"'.。,，!！?？:：”)]}、"
@@ -347,6 +357,12 @@ def _words(words: Iterable) -> list[tuple[str, float, float]]:
     return [(normalize_word(w), float(a), float(b)) for w, a, b in out if normalize_word(w)]
 
 
+def _match(a: list[tuple], b: list[tuple]) -> list[tuple[int, int]]:
+    """Index pairs of equal words in two :func:`_words` lists (``difflib``, no junk heuristic)."""
+    matcher = difflib.SequenceMatcher(None, [w for w, *_ in a], [w for w, *_ in b], False)
+    return [(m.a + k, m.b + k) for m in matcher.get_matching_blocks() for k in range(m.size)]
+
+
 def score_timings(
     predicted: Iterable, gold: Iterable, *, skip_first_start: bool = False
 ) -> TimingScore:
@@ -359,8 +375,7 @@ def score_timings(
     alignments that fold the leading silence into the first word, such as LJSpeech's).
     """
     pred, ref = _words(predicted), _words(gold)
-    matcher = difflib.SequenceMatcher(None, [w for w, *_ in pred], [w for w, *_ in ref], False)
-    pairs = [(b.a + k, b.b + k) for b in matcher.get_matching_blocks() for k in range(b.size)]
+    pairs = _match(pred, ref)
     skip = int(skip_first_start)
     return TimingScore(
         start_errors=tuple(pred[p][1] - ref[g][1] for p, g in pairs if not (skip and 0 in (p, g))),
@@ -382,3 +397,213 @@ def pool_scores(scores: Iterable[TimingScore]) -> TimingScore:
         end_errors=tuple(e for s in scores for e in s.end_errors),
         **{f: sum(getattr(s, f) for s in scores) for f in fields},
     )
+
+
+# -- corpus tables ------------------------------------------------------------------------------
+
+VIEWS = ("CA alignment", "CA all", "CA layers", "SM_H", "SM_X")
+METRICS = ("within_100ms", "within_50ms", "mae_ms", "bias_ms", "f1_100ms", "f1_50ms")
+WHISPER = "whisper transcribe()"
+_RANKS = {
+    "subset": {"all": 0, "synthetic": 1, "real": 2},
+    "map": {
+        m: i for i, m in enumerate(["CA alignment", "CA all", "CA best layer", "SM_H", "SM_X"])
+    },
+}
+
+
+def explanation_timings(
+    explanation: Explanation, *, views: Sequence[str] = VIEWS
+) -> dict[str, list[WordTiming]]:
+    """Word timings of one explanation from each of ``views``: ``"CA alignment"`` (whisper's
+    heads), ``"CA all"`` (every head), ``"CA layers"`` (``"CA L{l}"``, the heads of one decoder
+    layer; CA heads are each normalised and filtered alone, as whisper does), ``"SM_H"`` and
+    ``"SM_X"`` (max-pooled to enc frames). Saliency maps enter as ``|map|``, each row then
+    normalised to sum 1 like a CA row."""
+    e, ca = explanation, explanation.cross_attention
+    opts = TimingOptions(enc_frame_seconds=e.enc_frame_seconds)
+    heads = {"CA alignment": list(e.alignment_heads), "CA all": all_heads(ca)}
+    heads = {name: pairs for name, pairs in heads.items() if name in views and pairs}
+    if "CA layers" in views:
+        heads |= {f"CA L{ly}": [(ly, h) for h in range(ca.shape[1])] for ly in range(ca.shape[0])}
+    out = {
+        name: word_timings(ca, e.transcript, heads=pairs, options=opts)
+        for name, pairs in heads.items()
+    }
+    saliency = {"SM_H": lambda: e.encoder_saliency, "SM_X": lambda: pool_to_enc(e.input_saliency)}
+    for name in [v for v in views if v in saliency]:
+        out[name] = word_timings(saliency[name]().abs(), e.transcript, options=opts)
+    return out
+
+
+def _skip_reason(explanation: Explanation, utterance) -> str | None:
+    if explanation.params.get("task", "transcribe") == "translate":
+        return "translation: the gold words are in the source language"
+    return None if utterance is not None and utterance.words else "no gold word timings"
+
+
+def timing_table(
+    explanations: Sequence[Explanation],
+    utterances: Sequence,
+    *,
+    views: Sequence[str] = VIEWS,
+    extra: Mapping[str, Mapping[str, Sequence]] | None = None,
+    best_layer_by: str | None = "within_100ms",
+) -> pd.DataFrame:
+    """Word timings of every explanation and map (:func:`explanation_timings`) scored against
+    the gold words of its utterance: one row per (utterance, map) with ``model, task, language,
+    subset, utterance, map, view``, the :meth:`TimingScore.to_frame` columns and ``score``
+    (the :class:`TimingScore`).
+
+    ``extra``: more predictions as ``{map: {utterance id: words}}`` (e.g. :func:`whisper_words`).
+    ``best_layer_by``: the ``"CA L{l}"`` rows of each model and task are replaced by those of
+    the layer with the highest mean of this rate over the table's utterances, as ``map = "CA
+    best layer"`` (``view`` names the layer): selected on the data it is scored on, so
+    optimistic; ``None`` keeps every layer. Translations and utterances without gold words are
+    left out; ``table.attrs["skipped"]`` maps ``model/task/utterance`` to the reason.
+    """
+    by_id = {u.id: u for u in utterances}
+    rows, skipped = [], {}
+    for e in explanations:
+        utt, task = by_id.get(e.utterance), e.params.get("task", "transcribe")
+        if reason := _skip_reason(e, utt):
+            skipped[f"{e.model}/{task}/{e.utterance}"] = reason
+            continue
+        labels = {"model": e.model, "task": task, "language": e.transcript.language}
+        labels |= {"subset": utt.subset or "unknown", "utterance": e.utterance}
+        predicted = explanation_timings(e, views=views)
+        predicted |= {k: v[e.utterance] for k, v in (extra or {}).items() if e.utterance in v}
+        for name, words in predicted.items():
+            score = score_timings(words, utt.words, skip_first_start=utt.skip_first_start)
+            view = name.removeprefix("CA ") if name.startswith("CA L") else ""
+            scores = score.to_frame().to_dict("records")[0] | {"score": score}
+            rows.append(labels | {"map": name, "view": view} | scores)
+    table = pd.DataFrame(rows)
+    if best_layer_by and len(table):
+        table = _best_layer(table, best_layer_by)
+    table.attrs["skipped"] = skipped
+    return table
+
+
+def _best_layer(table: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """Keep the ``"CA L{l}"`` rows of the best layer per model and task, as "CA best layer"."""
+    layer = table["map"].str.fullmatch(r"CA L\d+")
+    means = table[layer].groupby(["model", "task", "map"], sort=False)[metric].mean()
+    best = set(means.groupby(level=["model", "task"], sort=False).idxmax())
+    keys = zip(table["model"], table["task"], table["map"], strict=True)
+    chosen = layer & np.array([key in best for key in keys])
+    table = table[~layer | chosen].reset_index(drop=True)
+    table.loc[chosen[~layer | chosen].to_numpy(), "map"] = "CA best layer"
+    return table
+
+
+def timing_summary(
+    table: pd.DataFrame,
+    *,
+    by: Sequence[str] = ("model", "task", "subset", "map", "view"),
+    metrics: Sequence[str] = METRICS,
+    overall: bool = True,
+    n_boot: int = 2000,
+    seed: int = 0,
+) -> pd.DataFrame:
+    """A long table, one row per ``by`` group and metric (:meth:`TimingScore.to_frame` names:
+    ``within_100ms`` is the share of gold boundaries within 100 ms, ``f1_100ms`` its tolerance
+    F1, ``mae_ms``, ``bias_ms`` > 0 late): ``mean`` over utterances with a 95% percentile
+    bootstrap CI (``low, high``) over ``n`` utterances (``n_nan``: those without a value),
+    ``pooled`` (all boundaries of the group pooled, :func:`pool_scores`) and the group's
+    ``n_words`` (gold) and ``n_matched_words``. ``overall`` adds ``subset == "all"``."""
+    columns = [*by, "metric", "mean", "low", "high", "n", "n_nan", "pooled", "n_words"]
+    if table.empty:
+        return pd.DataFrame(columns=[*columns, "n_matched_words"])
+    if overall and "subset" in by:
+        table = pd.concat([table.assign(subset="all"), table], ignore_index=True)
+    rows = []
+    for key, group in table.groupby(list(by), sort=False):
+        pooled = pool_scores(group["score"]).to_frame().iloc[0]
+        for metric in metrics:
+            est = bootstrap_ci(group[metric].to_numpy(float), n_boot=n_boot, seed=seed)
+            rows.append(dict(zip(by, key, strict=True)) | {"metric": metric, "mean": est.mean}
+                        | {"low": est.low, "high": est.high, "n": est.n, "n_nan": est.n_nan}
+                        | {"pooled": pooled[metric], "n_words": int(pooled["n_gold_words"]),
+                           "n_matched_words": int(pooled["n_matched_words"])})  # fmt: skip
+    ranks = _RANKS | {"metric": {m: i for i, m in enumerate(metrics)}}
+    return (
+        pd.DataFrame(rows)
+        .sort_values(
+            [*by, "metric"],
+            key=lambda col: col.map(ranks[col.name]).fillna(99) if col.name in ranks else col,
+            kind="stable",
+        )
+        .reset_index(drop=True)
+    )
+
+
+def boundary_errors(table: pd.DataFrame) -> pd.DataFrame:
+    """One row per matched boundary of a :func:`timing_table`: its labels, ``boundary``
+    ("start" or "end") and ``error_ms`` (predicted minus gold, > 0 late)."""
+    labels = [c for c in ("model", "task", "subset", "utterance", "map", "view") if c in table]
+    if "score" not in table:  # an empty timing_table
+        return pd.DataFrame(columns=[*labels, "boundary", "error_ms"])
+    rows = [
+        dict(zip(labels, values, strict=True)) | {"boundary": which, "error_ms": 1000 * err}
+        for values, score in zip(table[labels].itertuples(index=False), table["score"], strict=True)
+        for which in ("start", "end")
+        for err in getattr(score, f"{which}_errors")
+    ]
+    return pd.DataFrame(rows, columns=[*labels, "boundary", "error_ms"])
+
+
+# -- openai-whisper's transcribe() as a reference -----------------------------------------------
+
+
+def whisper_words(
+    loaded: LoadedModel, utterances: Sequence, *, task: str = "transcribe"
+) -> tuple[dict[str, list[dict]], str]:
+    """openai-whisper's ``transcribe(word_timestamps=True)`` words (dicts with ``word, start,
+    end, probability``) per utterance id, from the same weights (:mod:`.whisper_ref`; greedy,
+    fp32, each utterance in its own language), and a note saying what was done. Empty, with the
+    reason in the note, for translation, for the random test model and without openai-whisper.
+    """
+    from .models import RANDOM_TINY
+
+    if task != "transcribe":
+        return {}, f"openai-whisper comparison skipped: task {task!r} has no gold words"
+    if loaded.name.startswith(RANDOM_TINY):
+        return {}, "openai-whisper comparison skipped: the random test model transcribes noise"
+    try:
+        import whisper
+    except ImportError:
+        return {}, (
+            "openai-whisper comparison skipped: openai-whisper is not installed "
+            "(pip install --no-deps openai-whisper==20250625 tiktoken numba more-itertools)"
+        )
+    from . import whisper_ref
+
+    model = whisper_ref.build_whisper(loaded)
+    words = {}
+    for utt in utterances:
+        result = whisper_ref.transcribe(model, utt.load(), language=utt.language or "en")
+        words[utt.id] = [w for segment in result["segments"] for w in segment.get("words", [])]
+    note = f"openai-whisper {whisper.__version__}: transcribe(word_timestamps=True), greedy, fp32"
+    return words, f"{note}, {len(words)} utterances"
+
+
+def whisper_comparison(
+    explanations: Sequence[Explanation], reference: Mapping[str, Sequence]
+) -> pd.DataFrame:
+    """Our alignment-head word timings next to ``reference`` (:func:`whisper_words`), word by
+    word: ``utterance, word, start, end, whisper_start, whisper_end, d_start_ms, d_end_ms``
+    (ours minus whisper). Words are matched by normalised text as in :func:`score_timings`;
+    words that only one of the two transcripts has are left out."""
+    columns = ["utterance", "word", "start", "end", "whisper_start", "whisper_end"]
+    rows = []
+    for e in explanations:
+        if e.utterance not in reference or not e.alignment_heads:
+            continue
+        ours = _words(word_timings(e.cross_attention, e.transcript, heads=e.alignment_heads))
+        theirs = _words(reference[e.utterance])
+        rows += [(e.utterance, *ours[i], *theirs[j][1:]) for i, j in _match(ours, theirs)]
+    out = pd.DataFrame(rows, columns=columns).astype({c: float for c in columns[2:]})
+    out["d_start_ms"] = 1000 * (out["start"] - out["whisper_start"])
+    out["d_end_ms"] = 1000 * (out["end"] - out["whisper_end"])
+    return out
