@@ -33,6 +33,7 @@ import torch
 
 import xattn_utils as xu
 from xattn_utils import timestamps as T
+from xattn_utils import whisper_ref
 from xattn_utils.compare import pool_to_enc
 from xattn_utils.data import Word, load_corpus
 
@@ -449,14 +450,14 @@ def test_timing_summary_pools_utterances(planted_table):
 def test_whisper_comparison_and_skips(tiny):
     ours = T.word_timings(diagonal_map(), TOKENS)
     later = [{"word": w.word, "start": w.start + 0.01, "end": w.end + 0.02} for w in ours]
-    table = T.whisper_comparison([planted_explanation("u1")], {"u1": later[1:]})
+    table = whisper_ref.whisper_comparison([planted_explanation("u1")], {"u1": later[1:]})
     assert list(table["word"]) == ["cat", "sat", "on", "the", "mat"]
     np.testing.assert_allclose(table["d_start_ms"], -10, atol=1e-6)
     np.testing.assert_allclose(table["d_end_ms"], -20, atol=1e-6)
-    assert T.whisper_comparison([planted_explanation("u1")], {}).empty
-    words, note = T.whisper_words(tiny, [], task="translate")
+    assert whisper_ref.whisper_comparison([planted_explanation("u1")], {}).empty
+    words, note = whisper_ref.whisper_words(tiny, [], task="translate")
     assert words == {} and "skipped" in note
-    words, note = T.whisper_words(tiny, [])
+    words, note = whisper_ref.whisper_words(tiny, [])
     assert words == {} and "random test model" in note
 
 

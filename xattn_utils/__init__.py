@@ -36,7 +36,7 @@ __all__ = [
     "save_metrics",
 ]
 
-_LAZY = ("convergence", "faithfulness", "plots", "report", "timestamps", "widgets")
+_LAZY = ("convergence", "faithfulness", "plots", "report", "timestamps", "whisper_ref", "widgets")
 
 
 def __getattr__(name: str):

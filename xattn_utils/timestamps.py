@@ -25,8 +25,9 @@ Against openai-whisper on the same weights, tests/test_timestamps.py measures th
 
 Corpus level (notebook 04): :func:`timing_table` times every explanation's words from CA views
 and saliency maps and scores them against gold (:func:`score_timings`); :func:`timing_summary`
-gives means with bootstrap CIs over utterances; :func:`whisper_words` and
-:func:`whisper_comparison` set our alignment-head times next to ``transcribe()``'s.
+gives means with bootstrap CIs over utterances; :func:`~xattn_utils.whisper_ref.whisper_words` and
+:func:`~xattn_utils.whisper_ref.whisper_comparison` set our alignment-head times next to
+``transcribe()``'s.
 """
 
 from __future__ import annotations
@@ -48,7 +49,6 @@ from .compare import bootstrap_ci, pool_to_enc
 from .decode import Transcript
 
 if TYPE_CHECKING:
-    from .models import LoadedModel
     from .saliency import Explanation
 
 PREPEND_PUNCTUATIONS = "\"'“¿([{-"
@@ -350,14 +350,14 @@ def normalize_word(word: str) -> str:
     return "".join(ch for ch in word.lower() if ch.isalnum())
 
 
-def _words(words: Iterable) -> list[tuple[str, float, float]]:
+def normalized_words(words: Iterable) -> list[tuple[str, float, float]]:
     """(normalised text, start, end) of objects with ``word, start, end`` or such dicts."""
     out = [(w["word"], w["start"], w["end"]) if isinstance(w, Mapping) else
            (w.word, w.start, w.end) for w in words]  # fmt: skip
     return [(normalize_word(w), float(a), float(b)) for w, a, b in out if normalize_word(w)]
 
 
-def _match(a: list[tuple], b: list[tuple]) -> list[tuple[int, int]]:
+def match_words(a: list[tuple], b: list[tuple]) -> list[tuple[int, int]]:
     """Index pairs of equal words in two :func:`_words` lists (``difflib``, no junk heuristic)."""
     matcher = difflib.SequenceMatcher(None, [w for w, *_ in a], [w for w, *_ in b], False)
     return [(m.a + k, m.b + k) for m in matcher.get_matching_blocks() for k in range(m.size)]
@@ -374,8 +374,8 @@ def score_timings(
     ``skip_first_start`` leaves out the start of the first gold and first predicted word (forced
     alignments that fold the leading silence into the first word, such as LJSpeech's).
     """
-    pred, ref = _words(predicted), _words(gold)
-    pairs = _match(pred, ref)
+    pred, ref = normalized_words(predicted), normalized_words(gold)
+    pairs = match_words(pred, ref)
     skip = int(skip_first_start)
     return TimingScore(
         start_errors=tuple(pred[p][1] - ref[g][1] for p, g in pairs if not (skip and 0 in (p, g))),
@@ -455,7 +455,8 @@ def timing_table(
     subset, utterance, map, view``, the :meth:`TimingScore.to_frame` columns and ``score``
     (the :class:`TimingScore`).
 
-    ``extra``: more predictions as ``{map: {utterance id: words}}`` (e.g. :func:`whisper_words`).
+    ``extra``: more predictions as ``{map: {utterance id: words}}`` (e.g.
+    :func:`~xattn_utils.whisper_ref.whisper_words`).
     ``best_layer_by``: the ``"CA L{l}"`` rows of each model and task are replaced by those of
     the layer with the highest mean of this rate over the table's utterances, as ``map = "CA
     best layer"`` (``view`` names the layer): selected on the data it is scored on, so
@@ -551,59 +552,3 @@ def boundary_errors(table: pd.DataFrame) -> pd.DataFrame:
         for err in getattr(score, f"{which}_errors")
     ]
     return pd.DataFrame(rows, columns=[*labels, "boundary", "error_ms"])
-
-
-# -- openai-whisper's transcribe() as a reference -----------------------------------------------
-
-
-def whisper_words(
-    loaded: LoadedModel, utterances: Sequence, *, task: str = "transcribe"
-) -> tuple[dict[str, list[dict]], str]:
-    """openai-whisper's ``transcribe(word_timestamps=True)`` words (dicts with ``word, start,
-    end, probability``) per utterance id, from the same weights (:mod:`.whisper_ref`; greedy,
-    fp32, each utterance in its own language), and a note saying what was done. Empty, with the
-    reason in the note, for translation, for the random test model and without openai-whisper.
-    """
-    from .models import RANDOM_TINY
-
-    if task != "transcribe":
-        return {}, f"openai-whisper comparison skipped: task {task!r} has no gold words"
-    if loaded.name.startswith(RANDOM_TINY):
-        return {}, "openai-whisper comparison skipped: the random test model transcribes noise"
-    try:
-        import whisper
-    except ImportError:
-        return {}, (
-            "openai-whisper comparison skipped: openai-whisper is not installed "
-            "(pip install --no-deps openai-whisper==20250625 tiktoken numba more-itertools)"
-        )
-    from . import whisper_ref
-
-    model = whisper_ref.build_whisper(loaded)
-    words = {}
-    for utt in utterances:
-        result = whisper_ref.transcribe(model, utt.load(), language=utt.language or "en")
-        words[utt.id] = [w for segment in result["segments"] for w in segment.get("words", [])]
-    note = f"openai-whisper {whisper.__version__}: transcribe(word_timestamps=True), greedy, fp32"
-    return words, f"{note}, {len(words)} utterances"
-
-
-def whisper_comparison(
-    explanations: Sequence[Explanation], reference: Mapping[str, Sequence]
-) -> pd.DataFrame:
-    """Our alignment-head word timings next to ``reference`` (:func:`whisper_words`), word by
-    word: ``utterance, word, start, end, whisper_start, whisper_end, d_start_ms, d_end_ms``
-    (ours minus whisper). Words are matched by normalised text as in :func:`score_timings`;
-    words that only one of the two transcripts has are left out."""
-    columns = ["utterance", "word", "start", "end", "whisper_start", "whisper_end"]
-    rows = []
-    for e in explanations:
-        if e.utterance not in reference or not e.alignment_heads:
-            continue
-        ours = _words(word_timings(e.cross_attention, e.transcript, heads=e.alignment_heads))
-        theirs = _words(reference[e.utterance])
-        rows += [(e.utterance, *ours[i], *theirs[j][1:]) for i, j in _match(ours, theirs)]
-    out = pd.DataFrame(rows, columns=columns).astype({c: float for c in columns[2:]})
-    out["d_start_ms"] = 1000 * (out["start"] - out["whisper_start"])
-    out["d_end_ms"] = 1000 * (out["end"] - out["whisper_end"])
-    return out

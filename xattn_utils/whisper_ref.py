@@ -7,7 +7,8 @@ the network; :func:`build_whisper` instead fills ``whisper.model.Whisper`` with 
 one of our :class:`~xattn_utils.models.LoadedModel` (same numbers, openai names) and sets its
 alignment heads, so :mod:`xattn_utils.timestamps` can be checked against it offline.
 
-Only tests and benchmarks import this module; the package itself never needs openai-whisper.
+:func:`whisper_words` and :func:`whisper_comparison` put ``transcribe()``'s word timestamps next
+to ours (notebook ``04_timestamps``); without openai-whisper they say so instead of failing.
 """
 
 from __future__ import annotations
@@ -15,16 +16,21 @@ from __future__ import annotations
 import base64
 import gzip
 import re
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
+import pandas as pd
 import torch
 
 from .audio import N_MEL_FRAMES, N_SAMPLES, load_audio
-from .models import LoadedModel
+from .models import RANDOM_TINY, LoadedModel
+from .timestamps import match_words, normalized_words, word_timings
 
 if TYPE_CHECKING:
     from whisper.model import Whisper
+
+    from .saliency import Explanation
 
 # transformers name -> openai-whisper name, applied in order to every key
 RENAMES = [
@@ -196,3 +202,58 @@ def cross_attention_logits(model: Whisper, mel: torch.Tensor, tokens: list[int])
         for hook in hooks:
             hook.remove()
     return torch.stack(qks)
+
+
+# -- openai-whisper's transcribe() as a reference -----------------------------------------------
+
+
+def whisper_words(
+    loaded: LoadedModel, utterances: Sequence, *, task: str = "transcribe"
+) -> tuple[dict[str, list[dict]], str]:
+    """openai-whisper's ``transcribe(word_timestamps=True)`` words (dicts with ``word, start,
+    end, probability``) per utterance id, from the same weights (:func:`build_whisper`; greedy,
+    fp32, each utterance in its own language), and a note saying what was done. Empty, with the
+    reason in the note, for translation, for the random test model and without openai-whisper.
+    """
+    if task != "transcribe":
+        return {}, f"openai-whisper comparison skipped: task {task!r} has no gold words"
+    if loaded.name.startswith(RANDOM_TINY):
+        return {}, "openai-whisper comparison skipped: the random test model transcribes noise"
+    try:
+        import whisper
+    except ImportError:
+        return {}, (
+            "openai-whisper comparison skipped: openai-whisper is not installed "
+            "(pip install --no-deps openai-whisper==20250625 tiktoken numba more-itertools)"
+        )
+    model = build_whisper(loaded)
+    words = {}
+    for utt in utterances:
+        result = transcribe(model, utt.load(), language=utt.language or "en")
+        words[utt.id] = [w for segment in result["segments"] for w in segment.get("words", [])]
+    note = f"openai-whisper {whisper.__version__}: transcribe(word_timestamps=True), greedy, fp32"
+    return words, f"{note}, {len(words)} utterances"
+
+
+def whisper_comparison(
+    explanations: Sequence[Explanation], reference: Mapping[str, Sequence]
+) -> pd.DataFrame:
+    """Our alignment-head word timings next to ``reference`` (:func:`whisper_words`), word by
+    word: ``utterance, word, start, end, whisper_start, whisper_end, d_start_ms, d_end_ms``
+    (ours minus whisper). Words are matched by normalised text as in
+    :func:`~xattn_utils.timestamps.score_timings`; words that only one of the two transcripts
+    has are left out."""
+    columns = ["utterance", "word", "start", "end", "whisper_start", "whisper_end"]
+    rows = []
+    for e in explanations:
+        if e.utterance not in reference or not e.alignment_heads:
+            continue
+        ours = normalized_words(
+            word_timings(e.cross_attention, e.transcript, heads=e.alignment_heads)
+        )
+        theirs = normalized_words(reference[e.utterance])
+        rows += [(e.utterance, *ours[i], *theirs[j][1:]) for i, j in match_words(ours, theirs)]
+    out = pd.DataFrame(rows, columns=columns).astype({c: float for c in columns[2:]})
+    out["d_start_ms"] = 1000 * (out["start"] - out["whisper_start"])
+    out["d_end_ms"] = 1000 * (out["end"] - out["whisper_end"])
+    return out
