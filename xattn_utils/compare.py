@@ -505,3 +505,23 @@ def disattenuated_ci(
                  if np.isfinite(boot).any() else (math.nan, math.nan))  # fmt: skip
     mean = float(disattenuate(a.mean(), float(b.mean())))
     return Estimate(mean, float(low), float(high), n, n_nan, level)
+
+
+def corrected_summary(
+    per_utterance: pd.DataFrame, by: Sequence[str], *, n_boot: int = 2000, seed: int = 0
+) -> pd.DataFrame:
+    """Per ``by`` group of a per-utterance frame with ``r`` and ``reliability``: the mean r and
+    r corrected for attenuation (:func:`disattenuated_ci`), each with a 95% bootstrap CI over
+    utterances (``r_low``, ``r_high``, ``r_corrected_low``, ``r_corrected_high``), the mean
+    reliability and ``n``. Rows without r are left out."""
+    rows = []
+    for key, g in per_utterance.dropna(subset=["r"]).groupby(list(by), sort=False):
+        key = key if isinstance(key, tuple) else (key,)
+        obs = bootstrap_ci(g["r"], n_boot=n_boot, seed=seed)
+        cor = disattenuated_ci(g["r"], g["reliability"], n_boot=n_boot, seed=seed)
+        rows.append(dict(zip(by, key, strict=True)) | {
+            "r": obs.mean, "r_low": obs.low, "r_high": obs.high,
+            "reliability": float(g["reliability"].mean()), "r_corrected": cor.mean,
+            "r_corrected_low": cor.low, "r_corrected_high": cor.high, "n": obs.n,
+        })  # fmt: skip
+    return pd.DataFrame(rows)

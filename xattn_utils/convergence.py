@@ -30,9 +30,8 @@ import torch
 from .attention import forward_attention, head_mean
 from .audio import load_audio, n_enc_frames, n_mel_frames
 from .compare import (
-    bootstrap_ci,
+    corrected_summary,
     disattenuate,
-    disattenuated_ci,
     pool_to_enc,
     reliability,
     utterance_score,
@@ -208,13 +207,4 @@ def corrected_table(
     (:func:`~xattn_utils.compare.disattenuated_ci`), each with a 95% bootstrap CI over
     utterances, and the mean reliability."""
     top = table[table["n_masks"] == table.groupby(list(by))["n_masks"].transform("max")]
-    rows = []
-    for key, g in top.groupby(list(by), sort=False):
-        obs = bootstrap_ci(g["r"], n_boot=n_boot, seed=seed)
-        cor = disattenuated_ci(g["r"], g["reliability"], n_boot=n_boot, seed=seed)
-        rows.append(dict(zip(by, key, strict=True)) | {
-            "r": obs.mean, "r_low": obs.low, "r_high": obs.high,
-            "reliability": float(g["reliability"].mean()), "r_corrected": cor.mean,
-            "r_corrected_low": cor.low, "r_corrected_high": cor.high, "n": obs.n,
-        })  # fmt: skip
-    return pd.DataFrame(rows)
+    return corrected_summary(top, by, n_boot=n_boot, seed=seed)

@@ -33,6 +33,7 @@ from .compare import (
     bootstrap_ci,
     compare_maps,
     corpus_table,
+    corrected_summary,
     cumulative_layers,
     disattenuated_ci,
     pool_to_enc,
@@ -257,17 +258,7 @@ def attenuation_table(
         per_utt = pd.concat([per_utt, rel], axis=1, join="outer")
     else:  # no folds: nothing to correct with
         per_utt = per_utt.to_frame().assign(reliability=np.nan)
-    rows = []
-    for key, g in per_utt.reset_index().groupby(keys, sort=False):
-        g = g.dropna(subset=["r"])
-        obs = bootstrap_ci(g["r"], n_boot=n_boot, seed=seed)
-        cor = disattenuated_ci(g["r"], g["reliability"], n_boot=n_boot, seed=seed)
-        rows.append(dict(zip(keys, key, strict=True)) | {
-            "r": obs.mean, "r_low": obs.low, "r_high": obs.high,
-            "reliability": float(g["reliability"].mean()), "r_corrected": cor.mean,
-            "r_corrected_low": cor.low, "r_corrected_high": cor.high, "n": obs.n,
-        })  # fmt: skip
-    return pd.DataFrame(rows)
+    return corrected_summary(per_utt.reset_index(), keys, n_boot=n_boot, seed=seed)
 
 
 def gap_table(
