@@ -18,7 +18,7 @@ from xattn_utils.convergence import (
     masks_needed,
     summary_table,
 )
-from xattn_utils.perturbation import DESIGNS, PerturbationError
+from xattn_utils.perturbation import DESIGNS, PerturbationError, PerturbationOptions
 
 
 def test_checkpoints_halve_down_to_eight():
@@ -67,10 +67,11 @@ def test_every_design_map_and_count_has_a_row(table):
 
 
 def test_largest_count_replays_explain_exactly(tiny, tone, table):
-    """The iid row at the full count is the reliability of explain()'s own fold maps."""
+    """The default design's row at the full count is the reliability of explain()'s own fold
+    maps (same masks, same scores, same control variate)."""
     e = xu.explain(tiny, tone, text="hello there world", n_masks=32, progress=False)
     full = table["n_masks"] == table.groupby("map_name")["n_masks"].transform("max")
-    top = table[full & (table["design"] == "iid")].set_index("map_name")
+    top = table[full & (table["design"] == PerturbationOptions().design)].set_index("map_name")
     for name, folds in (("SM_X", e.input_saliency_folds), ("SM_H", e.encoder_saliency_folds)):
         expected = reliability(folds, special=e.special).full
         assert math.isclose(top.loc[name, "reliability"], expected, rel_tol=1e-6, abs_tol=1e-9)

@@ -187,6 +187,8 @@ def test_slic_labels_are_contiguous_ids():
         ({"scorer": "l2"}, "unknown scorer"),
         ({"design": "sobol"}, "unknown mask design"),
         ({"design": "antithetic", "p": 0.3}, "antithetic"),
+        ({"p": 0.3}, "needs p = 0.5.*design='control' or 'iid'"),  # the default design pairs
+        ({"enc_mask_factor": 0}, "enc_mask_factor"),
         ({"batch_size": 0}, "batch_size"),
     ],
 )
