@@ -17,17 +17,26 @@ from matplotlib.axes import Axes  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 
 from xattn_utils import compare, plots, report, widgets  # noqa: E402
+from xattn_utils.perturbation import PerturbationOptions  # noqa: E402
 from xattn_utils.saliency import explain  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def explanations(tiny, tone):
-    """Two utterances explained by the random model with a few masks (about 2 s)."""
+    """Two utterances explained by the random model with a few i.i.d. masks (about 2 s; so few
+    complementary pairs would leave max-pooled half maps constant)."""
     texts = ["the cat sat on the mat", "open the door"]
+    iid = PerturbationOptions(design="iid")
     return [
         explain(
-            tiny, tone[: 16000 + 8000 * i], text=t, n_masks=6, progress=False, utterance=f"u{i}"
-        )
+            tiny,
+            tone[: 16000 + 8000 * i],
+            text=t,
+            n_masks=6,
+            options=iid,
+            progress=False,
+            utterance=f"u{i}",
+        )  # fmt: skip
         for i, t in enumerate(texts)
     ]
 
@@ -227,9 +236,10 @@ def test_index_states_the_maps_reliability(tmp_path):
     metrics = tmp_path / "metrics"
     metrics.mkdir()
     pd.DataFrame([
-        {"model": "tiny.en", "task": "transcribe", "map_name": "SM_X", "design": "iid",
-         "n_masks": 128, "mean": 0.05, "masks_for_0.9": 21000.0, "extrapolated": True},
-        {"model": "tiny.en", "task": "transcribe", "map_name": "SM_X", "design": "control",
+        {"model": "tiny.en", "task": "transcribe", "map_name": "SM_X",
+         "design": PerturbationOptions().design, "n_masks": 128, "mean": 0.05,
+         "masks_for_0.9": 21000.0, "extrapolated": True},
+        {"model": "tiny.en", "task": "transcribe", "map_name": "SM_X", "design": "no-default",
          "n_masks": 128, "mean": 0.06, "masks_for_0.9": 19000.0, "extrapolated": True},
     ]).to_csv(metrics / "06_convergence.tiny.en_headline.csv", index=False)  # fmt: skip
     page = report.write_index(tmp_path, ["06_convergence.tiny.en"], {}, 60).read_text()
