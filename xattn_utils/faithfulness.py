@@ -46,7 +46,7 @@ from .audio import ENC_SUBSAMPLING, load_audio, n_enc_frames, n_mel_frames
 from .compare import bootstrap_ci, pool_to_enc
 from .decode import Transcript, features
 from .models import LoadedModel, attention_implementation
-from .perturbation import auto_batch_size
+from .saliency import forward_batch_size, masked_mel_logits
 
 MODES = ("deletion", "insertion")
 RANDOM = "random"
@@ -340,19 +340,16 @@ def _checked(probs: ProbabilityFn, occluded: torch.Tensor, n_tok: int) -> torch.
 def probability_fn(loaded: LoadedModel, mel: torch.Tensor, tr: Transcript, n_mel: int):
     """Reference-token probabilities (batch, tokens) of the teacher-forced model for encoder
     frame occlusions (batch, enc_frames): an occluded frame's 2 mel frames (within the first
-    ``n_mel``) take the padding value in every mel bin."""
-    fill = mel.min()
-    ids = torch.tensor([tr.input_ids], device=mel.device)
+    ``n_mel``) take the padding value in every mel bin, as in
+    :func:`~xattn_utils.saliency.masked_mel_logits`."""
+    masked_logits = masked_mel_logits(loaded, mel, tr, n_mel)
     ref = torch.tensor(tr.output_ids, device=mel.device)
 
     def probs(occluded: torch.Tensor) -> torch.Tensor:
         b = occluded.shape[0]
-        per_mel = occluded.to(mel.device).repeat_interleave(ENC_SUBSAMPLING, dim=1)[:, :n_mel]
-        x = mel.expand(b, -1, -1).clone()
-        width = per_mel.shape[1]
-        x[:, :, :width] = torch.where(per_mel[:, None, :], fill, x[:, :, :width])
-        out = loaded.model(input_features=x, decoder_input_ids=ids.expand(b, -1), use_cache=False)
-        p = torch.softmax(out.logits.float(), dim=-1)
+        per_mel = occluded.repeat_interleave(ENC_SUBSAMPLING, dim=1)[:, :n_mel]
+        cells = per_mel[:, :, None].expand(-1, -1, mel.shape[1])  # (batch, mel_frames, mels)
+        p = torch.softmax(masked_logits(cells).float(), dim=-1)
         return p.gather(-1, ref.expand(b, -1).unsqueeze(-1)).squeeze(-1)
 
     return probs
@@ -387,7 +384,7 @@ def curves(
             )
     mel = features(loaded, audio)
     probs = probability_fn(loaded, mel, transcript, n_mel_frames(audio))
-    batch = options.batch_size or _batch_size(loaded, n_tok)
+    batch = options.batch_size or forward_batch_size(loaded, n_tok)
     with attention_implementation(loaded, "sdpa"):
         fractions, p, n_inputs = curve_probabilities(
             probs, maps, transcript.special, options=options, seed=seed, batch_size=batch,
@@ -402,12 +399,6 @@ def curves(
         utterance=utterance,
         params=options.params() | {"seed": seed, "forwards": n_inputs},
     )
-
-
-def _batch_size(loaded: LoadedModel, n_tokens: int) -> int:
-    cfg = loaded.model.config
-    per_input = 4 * (20 * 1500 * cfg.d_model * cfg.encoder_layers + 3 * n_tokens * cfg.vocab_size)
-    return auto_batch_size(loaded.device, per_input)
 
 
 def curves_corpus(

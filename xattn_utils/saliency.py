@@ -255,9 +255,14 @@ def _scorer(scorer: str, logits: torch.Tensor, tr: Transcript):
 def _batch_size(loaded: LoadedModel, options: PerturbationOptions, n_tokens: int) -> int:
     if options.batch_size is not None:
         return options.batch_size
+    return forward_batch_size(loaded, n_tokens)
+
+
+def forward_batch_size(loaded: LoadedModel, n_tokens: int) -> int:
+    """Inputs per full teacher-forced forward (:func:`masked_mel_logits`) on this device."""
     cfg = loaded.model.config
-    per_mask = 4 * (20 * 1500 * cfg.d_model * cfg.encoder_layers + 3 * n_tokens * cfg.vocab_size)
-    return auto_batch_size(loaded.device, per_mask)
+    per_input = 4 * (20 * 1500 * cfg.d_model * cfg.encoder_layers + 3 * n_tokens * cfg.vocab_size)
+    return auto_batch_size(loaded.device, per_input)
 
 
 @dataclass(frozen=True)
@@ -364,6 +369,24 @@ def _spes(
     return MaskRun(sampler=sampler, stats=stats, shape=shape)
 
 
+def masked_mel_logits(loaded: LoadedModel, mel: torch.Tensor, tr: Transcript, n_mel: int):
+    """Teacher-forced logits (batch, tokens, vocab) of cell masks (batch, mel_frames, mel_bins)
+    over the first ``n_mel`` mel frames; occluded cells take the padding value (the clamp
+    floor)."""
+    fill = mel.min()
+    ids = torch.tensor([tr.input_ids], device=mel.device)
+
+    def logits_fn(masks: torch.Tensor) -> torch.Tensor:
+        b = masks.shape[0]
+        x = mel.expand(b, -1, -1).clone()
+        occluded = masks.to(mel.device).transpose(1, 2)  # (batch, mel_bins, mel_frames)
+        x[:, :, :n_mel] = torch.where(occluded, fill, x[:, :, :n_mel])
+        out = loaded.model(input_features=x, decoder_input_ids=ids.expand(b, -1), use_cache=False)
+        return out.logits
+
+    return logits_fn
+
+
 def mel_score_fn(
     loaded: LoadedModel,
     mel: torch.Tensor,
@@ -374,20 +397,10 @@ def mel_score_fn(
     scorer: str = "kl",
 ):
     """Scores (batch, tokens) of cell masks (batch, mel_frames, mel_bins) over the first
-    ``n_mel`` mel frames; occluded cells take the padding value (the clamp floor)."""
-    fill = mel.min()
-    ids = torch.tensor([tr.input_ids], device=mel.device)
+    ``n_mel`` mel frames (:func:`masked_mel_logits`)."""
+    masked_logits = masked_mel_logits(loaded, mel, tr, n_mel)
     score = _scorer(scorer, logits, tr)
-
-    def score_fn(masks: torch.Tensor) -> torch.Tensor:
-        b = masks.shape[0]
-        x = mel.expand(b, -1, -1).clone()
-        occluded = masks.to(mel.device).transpose(1, 2)  # (batch, mel_bins, mel_frames)
-        x[:, :, :n_mel] = torch.where(occluded, fill, x[:, :, :n_mel])
-        out = loaded.model(input_features=x, decoder_input_ids=ids.expand(b, -1), use_cache=False)
-        return score(out.logits)
-
-    return score_fn
+    return lambda masks: score(masked_logits(masks))
 
 
 @torch.no_grad()
