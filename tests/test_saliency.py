@@ -124,6 +124,16 @@ def test_control_variate_cuts_the_noise_of_a_linear_model():
     assert err_cv < 0.5 * err_plain
 
 
+def test_a_controlled_run_keeps_raw_scores_and_replays_to_itself():
+    labels = [frame_groups(40, w) for w in (1, 2)]
+    sampler = MaskSampler(labels, 64, design="antithetic-control", seed=4)
+    w = torch.randn(2, 40, generator=torch.Generator().manual_seed(2)).double()
+    stats = run_masks(lambda m: m.double() @ w.T, sampler, 2, batch_size=16, progress=False)
+    torch.testing.assert_close(stats.scores, sampler.masks(0, 64).double() @ w.T)
+    replay = accumulate(sampler, stats.scores, control=True)
+    torch.testing.assert_close(replay.saliency(), stats.saliency())
+
+
 def test_maps_of_fewer_masks_replay_without_forwards():
     sampler = MaskSampler([frame_groups(30, 2)], 64, seed=2)
     w = torch.randn(2, 30, generator=torch.Generator().manual_seed(1)).double()

@@ -254,10 +254,10 @@ def accumulate(
     (masks, tokens), without forwards. With ``control`` the scores are corrected by a
     cross-fitted control variate first (:func:`control_variate`)."""
     stop = sampler.n_masks if stop is None else stop
-    scores = scores[:stop].double()
+    raw = scores = scores[:stop].double()
     correction = None
-    if control:
-        scores, correction = control_variate(sampler, scores, n_bins=n_bins)
+    if control:  # the sums use the residual scores; the raw ones are kept for replays
+        scores, correction = control_variate(sampler, raw, n_bins=n_bins)
     n_cells = int(np.prod(sampler.cells_shape))
     n_tokens = scores.shape[1]
     num = torch.zeros(N_FOLDS, n_tokens, n_cells, dtype=torch.float64)
@@ -277,7 +277,7 @@ def accumulate(
                 count[f] += int(rows.sum())
     if correction is not None:
         num += correction
-    return MaskStatistics(num=num, occluded=occluded, total=total, count=count, scores=scores)
+    return MaskStatistics(num=num, occluded=occluded, total=total, count=count, scores=raw)
 
 
 # -- the control variate ----------------------------------------------------------------------
