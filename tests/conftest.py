@@ -19,3 +19,9 @@ def tone() -> np.ndarray:
     """2.5 s of a gliding tone at 16 kHz: not speech, but energy in every frame."""
     t = np.arange(int(2.5 * 16000)) / 16000
     return (0.3 * np.sin(2 * np.pi * (300 + 200 * t) * t)).astype(np.float32)
+
+
+@pytest.fixture(scope="session")
+def tiny_cuda() -> xu.LoadedModel:
+    """The tiny random Whisper on CUDA (``gpu`` tests only)."""
+    return xu.load_model("random-tiny", device="cuda")

@@ -24,6 +24,11 @@ from tqdm.auto import tqdm
 log = logging.getLogger(__name__)
 
 DESIGNS = ("iid", "antithetic", "control", "antithetic-control")
+ESTIMATORS = (  # see xattn_utils.estimators
+    "mean", "grid", "grid-adjusted", "ridge", "ridge-adjusted", "bins", "bins-adjusted",
+)  # fmt: skip
+FILLS = ("padding", "zero", "mean")  # value of occluded spectrogram cells
+PRECISIONS = ("fp32", "bf16", "fp16")
 PAIRED = ("antithetic", "antithetic-control")  # each mask followed by its complement
 CONTROLLED = ("control", "antithetic-control")  # scores corrected by a control variate
 N_FOLDS = 2  # halves of the masks, for split-half reliability
@@ -54,6 +59,18 @@ class PerturbationOptions:
       :func:`control_variate`) or ``"antithetic-control"`` (both; the default: on tiny.en it
       matched i.i.d. masks' reliability with 1.2x fewer SM_H forwards, see
       ``benchmarks/convergence.py``; it needs ``p = 0.5``).
+    - ``estimator``: how the SM_X map is estimated from its masks' scores (see
+      :mod:`xattn_utils.estimators`): ``"mean"`` (SPES's mean over occluding masks, with
+      ``design``), ``"ridge"``, ``"ridge-adjusted"`` or ``"bins"``. All but ``"mean"`` model the
+      scores of i.i.d. masks, so SM_X then always runs i.i.d. masks (every estimator estimates
+      the same map) and ``design`` governs SM_H only. SM_H keeps the mean estimator.
+    - ``fill``: value of occluded spectrogram cells: ``"padding"`` (Whisper's clamp floor, the
+      digital silence that pads every short utterance; default), ``"zero"`` (0 in the model's
+      input space, as the SPES reference code after its normalisation) or ``"mean"``.
+    - ``encoder_window``: ``None`` (default, faithful): SM_X's encoder reads the whole 30 s
+      window; a number: only the speech region plus that many seconds (cheaper, approximate).
+    - ``precision``: ``"fp32"`` (the reference) or ``"bf16"``/``"fp16"`` autocast of the masked
+      forwards (for CUDA).
     - ``batch_size``: masks per forward; ``None`` picks one from the device's free memory.
     """
 
@@ -64,6 +81,10 @@ class PerturbationOptions:
     enc_groups: tuple[int, ...] = (1, 2, 4)
     scorer: str = "kl"
     design: str = "antithetic-control"
+    estimator: str = "mean"
+    fill: str = "padding"
+    encoder_window: float | None = None
+    precision: str = "fp32"
     batch_size: int | None = None
 
     def __post_init__(self) -> None:
@@ -83,6 +104,21 @@ class PerturbationOptions:
             raise PerturbationError(
                 f"design {self.design!r} pairs each mask with its complement and needs p = 0.5 "
                 f"(a complement occludes 1 - p); use design='control' or 'iid' for p = {self.p}"
+            )
+        if self.estimator not in ESTIMATORS:
+            raise PerturbationError(
+                f"unknown estimator {self.estimator!r}: use one of {ESTIMATORS}"
+            )
+        if self.fill not in FILLS:
+            raise PerturbationError(f"unknown fill {self.fill!r}: use one of {FILLS}")
+        if self.precision not in PRECISIONS:
+            raise PerturbationError(
+                f"unknown precision {self.precision!r}: use one of {PRECISIONS}"
+            )
+        if self.encoder_window is not None and not 0 <= self.encoder_window <= 30:
+            raise PerturbationError(
+                f"encoder_window must be None (all 30 s) or 0..30 seconds past the speech, "
+                f"got {self.encoder_window!r}"
             )
         if not self.granularities or min(self.granularities) < 1:
             raise PerturbationError(f"granularities must be positive, got {self.granularities}")
@@ -133,6 +169,9 @@ class MaskSampler:
     """Deterministic masks over unit label maps (one map per granularity).
 
     Mask ``m`` uses granularity ``(m // 2) % G`` (pairs stay together for antithetic designs).
+    Masks come in blocks of ``2 G`` (one pair per granularity); the halves used for split-half
+    reliability are alternate blocks (:meth:`fold`), so each half holds every granularity
+    equally and the two halves' maps estimate the same map.
     All unit draws are made up front from ``seed``, so a mask does not depend on the batch size.
     """
 
@@ -163,6 +202,15 @@ class MaskSampler:
         for g in range(len(self.label_maps)):
             idx = np.flatnonzero(self.granularity == g)
             self._row[idx] = np.arange(idx.size)
+
+    def part(self, m: np.ndarray, n_parts: int = N_PARTS) -> np.ndarray:
+        """Part of masks ``m`` among ``n_parts`` (alternate blocks of ``2 G`` masks); part
+        ``k`` lies in half ``k % 2``."""
+        return (np.asarray(m) // (2 * len(self.label_maps))) % n_parts
+
+    def fold(self, m: np.ndarray) -> np.ndarray:
+        """Half (0 or 1) of masks ``m``: alternate blocks of ``2 G`` masks."""
+        return self.part(m, N_FOLDS)
 
     @property
     def cells_shape(self) -> tuple[int, ...]:
@@ -235,12 +283,6 @@ def run_masks(
     return accumulate(sampler, scores, control=sampler.design in CONTROLLED)
 
 
-def _fold(m: np.ndarray, n_folds: int = N_FOLDS) -> np.ndarray:
-    """Fold of masks ``m``: pairs (2k, 2k+1) stay together; fold ``f`` of ``N_PARTS`` lies in
-    half ``f % N_FOLDS``."""
-    return (m // 2) % n_folds
-
-
 def accumulate(
     sampler: MaskSampler,
     scores: torch.Tensor,
@@ -267,7 +309,7 @@ def accumulate(
     for start in range(0, stop, chunk):
         end = min(start + chunk, stop)
         flat = sampler.masks(start, end).reshape(end - start, n_cells).double()
-        fold = torch.as_tensor(_fold(np.arange(start, end)))
+        fold = torch.as_tensor(sampler.fold(np.arange(start, end)))
         for f in range(N_FOLDS):
             rows = fold == f
             if rows.any():
@@ -325,7 +367,7 @@ def control_variate(
     The score of a mask is mostly explained by *how much* of each stretch of time it occludes.
     A surrogate ``h(m) = (x(m) - p) . g`` on the occluded share ``x`` of ``N_BINS`` time bins is
     fitted (ridge, :func:`ridge_gcv`) on the masks of one part and applied to the masks of its
-    partner part in the same half (parts ``(m // 2) % 4``: 0 with 2, 1 with 3), so each half's
+    partner part in the same half (:meth:`MaskSampler.part`: 0 with 2, 1 with 3), so each half's
     map stays independent of the other half and split-half reliability stays honest. The
     estimator becomes ``mean_{m_c = 1}(f - h) + E[h | m_c = 1]``: the same expectation as SPES for
     any ``g`` (``E[h | m_c = 1]`` is known in closed form: with unit ``u`` of ``c`` occluded,
@@ -337,7 +379,7 @@ def control_variate(
     masks = sampler.masks(0, n)
     bins = time_bins(masks.shape[1], n_bins)
     x = bin_features(masks, bins) - sampler.p
-    parts = (np.arange(n) // 2) % N_PARTS
+    parts = sampler.part(np.arange(n))
     n_cells, n_tokens = int(np.prod(sampler.cells_shape)), scores.shape[1]
     cell_bins = torch.tensor(np.broadcast_to(
         bins.reshape(-1, *[1] * (len(sampler.cells_shape) - 1)), sampler.cells_shape

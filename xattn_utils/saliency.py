@@ -29,18 +29,22 @@ from .attention import forward_attention
 from .audio import (
     ENC_FRAME_SECONDS,
     MEL_FRAME_SECONDS,
+    N_MEL_FRAMES,
     duration,
     load_audio,
     n_enc_frames,
     n_mel_frames,
 )
 from .decode import Transcript, decode, features
+from .estimators import fold_maps
 from .gradients import GRADIENT_METHODS, gradient_maps
 from .models import LoadedModel, attention_implementation
 from .perturbation import (
     CONTROLLED,
+    FILLS,
     MaskSampler,
     MaskStatistics,
+    PerturbationError,
     PerturbationOptions,
     accumulate,
     auto_batch_size,
@@ -222,6 +226,9 @@ def explain(
             "enc_groups": list(options.enc_groups),
             "scorer": options.scorer,
             "design": options.design,
+            "estimator": options.estimator,
+            "fill": options.fill,
+            "encoder_window": options.encoder_window,
         }
     else:
         sm_x, sm_h = gradient_maps(loaded, mel, tr, n_mel, n_enc, method=method, n_steps=n_steps)
@@ -273,11 +280,21 @@ class MaskRun:
     sampler: MaskSampler
     stats: MaskStatistics
     shape: tuple[int, ...]
+    estimator: str = "mean"
 
-    def maps(self, n_masks: int | None = None, design: str | None = None):
+    def maps(
+        self, n_masks: int | None = None, design: str | None = None, estimator: str | None = None
+    ):
         """(map, fold maps) from the first ``n_masks`` masks, without forwards; ``design``
         ``"control"`` adds the control variate to the same masks and scores (see
-        :func:`~xattn_utils.perturbation.control_variate`)."""
+        :func:`~xattn_utils.perturbation.control_variate`); ``estimator`` (default the run's)
+        re-estimates the map from the same scores (:mod:`xattn_utils.estimators`)."""
+        estimator = estimator or self.estimator
+        if estimator != "mean":
+            full, folds = fold_maps(self.sampler, self.stats.scores, estimator=estimator,
+                                    stop=n_masks)  # fmt: skip
+            return (full.reshape(self.shape).float().contiguous(),
+                    folds.reshape(2, *self.shape).float().contiguous())  # fmt: skip
         if n_masks is None and design is None:
             return _maps(self.stats, self.shape)
         control = (design or self.sampler.design) in CONTROLLED
@@ -297,11 +314,17 @@ def input_spes_run(
     seed: int = 0,
     progress: bool = True,
 ) -> MaskRun:
-    """The masked forwards of SPES SM_X over the first ``n_mel`` mel frames."""
+    """The masked forwards of SPES SM_X over the first ``n_mel`` mel frames (i.i.d. masks
+    when ``options.estimator`` models them)."""
+    if options.estimator != "mean":
+        options = replace(options, design="iid")
     spec = mel[0, :, :n_mel].T.float().cpu().numpy()  # (mel_frames, mel_bins)
     counts = segment_counts(n_mel, options.granularities)
     label_maps = distinct_label_maps([slic_segments(spec, k) for k in counts])
-    score_fn = mel_score_fn(loaded, mel, tr, logits, n_mel, scorer=options.scorer)
+    score_fn = mel_score_fn(
+        loaded, mel, tr, logits, n_mel, scorer=options.scorer, fill=options.fill,
+        encoder_window=options.encoder_window, precision=options.precision,
+    )  # fmt: skip
     shape = (len(tr), n_mel, spec.shape[1])
     batch_size = _batch_size(loaded, options, len(tr))
     return _spes(loaded, label_maps, score_fn, shape, options, seed, batch_size, progress, "SM_X")
@@ -322,7 +345,7 @@ def encoder_spes_run(
     """The masked forwards of SPES SM_H over the first ``n_enc`` encoder frames
     (``options.n_masks * options.enc_mask_factor`` masks)."""
     label_maps = [frame_groups(n_enc, w) for w in options.enc_groups]
-    options = replace(options, n_masks=options.n_masks * options.enc_mask_factor)
+    options = replace(options, n_masks=options.n_masks * options.enc_mask_factor, estimator="mean")
     score_fn = encoder_score_fn(loaded, mel, tr, logits, n_enc, scorer=options.scorer)
     batch_size = 4 * _batch_size(loaded, options, len(tr))  # decoder-only forwards are light
     shape = (len(tr), n_enc)
@@ -366,23 +389,79 @@ def _spes(
             batch_size=batch_size,
             progress=f"{name} masks" if progress else False,
         )
-    return MaskRun(sampler=sampler, stats=stats, shape=shape)
+    return MaskRun(sampler=sampler, stats=stats, shape=shape, estimator=options.estimator)
 
 
-def masked_mel_logits(loaded: LoadedModel, mel: torch.Tensor, tr: Transcript, n_mel: int):
+def fill_value(mel: torch.Tensor, n_mel: int, fill: str = "padding") -> float:
+    """The value occluded spectrogram cells take: ``"padding"`` the clamp floor (what the
+    digital silence after a short utterance holds), ``"zero"`` 0 in the model's input space
+    (the SPES reference code's choice after its per-utterance normalisation), ``"mean"`` the
+    mean of the speech region."""
+    if fill == "padding":
+        return float(mel.min())
+    if fill == "zero":
+        return 0.0
+    if fill == "mean":
+        return float(mel[..., :n_mel].mean())
+    raise PerturbationError(f"unknown fill {fill!r}: use one of {FILLS}")
+
+
+def window_frames(n_mel: int, encoder_window: float | None) -> int:
+    """Mel frames the encoder reads: all 3000 (``None``, faithful) or the speech region plus
+    ``encoder_window`` seconds, rounded up to an even count."""
+    if encoder_window is None:
+        return N_MEL_FRAMES
+    frames = n_mel + round(encoder_window / MEL_FRAME_SECONDS)
+    return min(N_MEL_FRAMES, frames + frames % 2)
+
+
+def encode(loaded: LoadedModel, x: torch.Tensor) -> torch.Tensor:
+    """Whisper's encoder on ``x`` (batch, mel_bins, frames), any even ``frames`` up to 3000
+    (transformers' encoder insists on 3000): the same layers, positions cut to the length.
+    shape = (batch, frames // 2, d_model)."""
+    enc = loaded.model.model.encoder
+    if x.shape[-1] == N_MEL_FRAMES:
+        return enc(x).last_hidden_state
+    h = torch.nn.functional.gelu(enc.conv1(x))
+    h = torch.nn.functional.gelu(enc.conv2(h)).permute(0, 2, 1)
+    h = h + enc.embed_positions.weight[: h.shape[1]]
+    for layer in enc.layers:
+        h = layer(h, None)
+        h = h[0] if isinstance(h, tuple) else h
+    return enc.layer_norm(h)
+
+
+def masked_mel_logits(
+    loaded: LoadedModel,
+    mel: torch.Tensor,
+    tr: Transcript,
+    n_mel: int,
+    *,
+    fill: str = "padding",
+    encoder_window: float | None = None,
+    precision: str = "fp32",
+):
     """Teacher-forced logits (batch, tokens, vocab) of cell masks (batch, mel_frames, mel_bins)
-    over the first ``n_mel`` mel frames; occluded cells take the padding value (the clamp
-    floor)."""
-    fill = mel.min()
+    over the first ``n_mel`` mel frames; occluded cells take :func:`fill_value`. The encoder
+    reads :func:`window_frames` frames; ``precision`` ``"bf16"``/``"fp16"`` runs the forwards
+    under autocast (meant for CUDA)."""
+    value = fill_value(mel, n_mel, fill)
+    frames = window_frames(n_mel, encoder_window)
     ids = torch.tensor([tr.input_ids], device=mel.device)
+    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
     def logits_fn(masks: torch.Tensor) -> torch.Tensor:
         b = masks.shape[0]
-        x = mel.expand(b, -1, -1).clone()
+        x = mel[..., :frames].expand(b, -1, -1).clone()
         occluded = masks.to(mel.device).transpose(1, 2)  # (batch, mel_bins, mel_frames)
-        x[:, :, :n_mel] = torch.where(occluded, fill, x[:, :, :n_mel])
-        out = loaded.model(input_features=x, decoder_input_ids=ids.expand(b, -1), use_cache=False)
-        return out.logits
+        x[:, :, :n_mel] = torch.where(occluded, value, x[:, :, :n_mel])
+        with torch.autocast(mel.device.type, dtype=dtype, enabled=dtype is not None):
+            if frames == N_MEL_FRAMES:
+                out = loaded.model(
+                    input_features=x, decoder_input_ids=ids.expand(b, -1), use_cache=False
+                )
+                return out.logits.float()
+            return decoder_logits(loaded, encode(loaded, x), ids.expand(b, -1)).float()
 
     return logits_fn
 
@@ -395,10 +474,20 @@ def mel_score_fn(
     n_mel: int,
     *,
     scorer: str = "kl",
+    fill: str = "padding",
+    encoder_window: float | None = None,
+    precision: str = "fp32",
 ):
     """Scores (batch, tokens) of cell masks (batch, mel_frames, mel_bins) over the first
-    ``n_mel`` mel frames (:func:`masked_mel_logits`)."""
-    masked_logits = masked_mel_logits(loaded, mel, tr, n_mel)
+    ``n_mel`` mel frames (:func:`masked_mel_logits`). With a shortened ``encoder_window`` the
+    clean reference distribution comes from the same window (so an empty mask scores 0)."""
+    masked_logits = masked_mel_logits(
+        loaded, mel, tr, n_mel, fill=fill, encoder_window=encoder_window, precision=precision
+    )
+    if encoder_window is not None:
+        frames = window_frames(n_mel, encoder_window)
+        ids = torch.tensor([tr.input_ids], device=mel.device)
+        logits = decoder_logits(loaded, encode(loaded, mel[..., :frames]), ids)[0]
     score = _scorer(scorer, logits, tr)
     return lambda masks: score(masked_logits(masks))
 
