@@ -4,8 +4,9 @@ For every reference utterance in ``data/reference/<model>/`` (``benchmarks/refer
 i.i.d. masks, full 30 s encoder, every mask's scores kept), the pool of masks is split into its
 two halves (``MaskSampler.fold``: alternate blocks of one mask pair per granularity). Subsets
 of ``N`` masks are drawn from half A (disjoint, in mask order); each estimator's map from a
-subset is scored against the SPES map of half B, which shares no mask with it, by the mean per-token Pearson r (text tokens only) at the 20 ms
-max-pooled resolution the comparisons use and at full resolution. The reference's own noise is
+subset is scored against the SPES map of half B, which shares no mask with it, by the mean
+per-token Pearson r (text tokens only) at the 20 ms max-pooled resolution the comparisons use
+and at full resolution. The reference's own noise is
 measured by the agreement of the two halves' maps (the reliability of a half-pool map) and
 divided out: ``r_corrected = r / sqrt(reliability of half B)``, labelled as such.
 
