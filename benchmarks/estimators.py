@@ -195,6 +195,11 @@ def main() -> None:
     parser.add_argument("--estimators", default=",".join(ESTIMATORS))
     parser.add_argument("--max-subsets", type=int, default=4)
     parser.add_argument("--no-diagnostics", action="store_true")
+    parser.add_argument(
+        "--write",
+        action="store_true",
+        help="write the pooled agreement table (agreement.json) beside the pools",
+    )
     args = parser.parse_args()
     counts = [int(c) for c in args.counts.split(",")]
     estimators = args.estimators.split(",")
@@ -231,6 +236,22 @@ def main() -> None:
                   f"[{rlo:.3f}, {rhi:.3f}], equivalent masks {h['equivalent'].mean():.0f}"
                   f"{' extrapolated' if h['extrapolated'].any() else ''}, "
                   f"n={len(h)} subsets, {h['seconds'].mean():.2f} s)")  # fmt: skip
+    if args.write:
+        pooled = table[table.resolution == "pooled"]
+        agreement = {
+            name: {str(n): {"r_corrected": float(h["r_corrected"].mean()), "subsets": len(h),
+                            "utterances": int(h["utterance"].nunique())}
+                   for n, h in g.groupby("n")}
+            for name, g in pooled.groupby("estimator")
+        }  # fmt: skip
+        meta = {
+            "masks_per_pool": {r["id"]: int(r["scores"].shape[0]) for r in refs},
+            "resolution": "20 ms, max-pooled",
+            "reference": "half B of each pool (mean)",
+        }
+        out = ROOT / args.model / "agreement.json"
+        out.write_text(json.dumps({"meta": meta, "agreement": agreement}, indent=1) + "\n")
+        print(f"wrote {out}")
     if not args.no_diagnostics:
         print()
         for ref in refs:
