@@ -31,9 +31,9 @@ from xattn_utils.compare import pool_to_enc
 from xattn_utils.data import load_corpus
 from xattn_utils.decode import Transcript, decode, features
 from xattn_utils.estimators import estimate
+from xattn_utils.forwards import decoder_logits, encode, mel_score_fn
 from xattn_utils.models import attention_implementation
 from xattn_utils.perturbation import MaskSampler, PerturbationOptions, kl_scores
-from xattn_utils.saliency import decoder_logits, encode, mel_score_fn
 
 ROOT = Path(__file__).resolve().parents[1] / "data" / "reference"
 

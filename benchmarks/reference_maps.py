@@ -30,6 +30,7 @@ from xattn_utils.audio import n_mel_frames
 from xattn_utils.compare import pool_to_enc
 from xattn_utils.data import load_corpus
 from xattn_utils.decode import decode, features
+from xattn_utils.forwards import mel_score_fn
 from xattn_utils.models import attention_implementation
 from xattn_utils.perturbation import (
     MaskSampler,
@@ -38,7 +39,6 @@ from xattn_utils.perturbation import (
     segment_counts,
     slic_segments,
 )
-from xattn_utils.saliency import mel_score_fn
 
 # at most 6 s each: one synthetic, two recorded (the pooled maps are tokens x enc_frames)
 UTTERANCES = ("syn_en_07", "real_LJ001-0011", "real_LJ001-0004")

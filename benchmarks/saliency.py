@@ -27,10 +27,11 @@ from xattn_utils.attention import forward_attention
 from xattn_utils.audio import n_enc_frames, n_mel_frames
 from xattn_utils.data import load_corpus
 from xattn_utils.decode import decode, features
+from xattn_utils.forwards import mel_score_fn
 from xattn_utils.gradients import captum_maps, gradient_maps, token_logprobs
 from xattn_utils.models import attention_implementation
 from xattn_utils.perturbation import PerturbationOptions, segment_counts, slic_segments
-from xattn_utils.saliency import encoder_saliency_spes, input_saliency_spes, mel_score_fn
+from xattn_utils.saliency import encoder_saliency_spes, input_saliency_spes
 
 
 def timed(fn, *args, **kwargs):

@@ -9,6 +9,7 @@ import torch
 import xattn_utils as xu
 from xattn_utils.attention import forward_attention
 from xattn_utils.decode import decode, features
+from xattn_utils.forwards import decoder_logits, encoder_score_fn, mel_score_fn
 from xattn_utils.gradients import captum_maps, gradient_maps, token_logprobs
 from xattn_utils.models import attention_implementation
 from xattn_utils.perturbation import (
@@ -24,13 +25,7 @@ from xattn_utils.perturbation import (
     segment_counts,
     slic_segments,
 )
-from xattn_utils.saliency import (
-    decoder_logits,
-    encoder_score_fn,
-    explain,
-    list_methods,
-    mel_score_fn,
-)
+from xattn_utils.saliency import explain, list_methods
 
 # --- the estimator on toy score functions (no model) -------------------------------------
 

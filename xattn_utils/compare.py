@@ -13,9 +13,11 @@ bootstrap CI over utterances.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -25,6 +27,9 @@ import torch.nn.functional as F
 from scipy.stats import rankdata
 
 from xattn_utils.audio import ENC_SUBSAMPLING
+
+# agreement of SM_X estimators with held-out high-mask references (benchmarks/estimators.py)
+REFERENCE_ROOT = Path(__file__).resolve().parents[1] / "data" / "reference"
 
 Array = torch.Tensor | np.ndarray
 Head = tuple[int, int]
@@ -525,3 +530,23 @@ def corrected_summary(
             "r_corrected_low": cor.low, "r_corrected_high": cor.high, "n": obs.n,
         })  # fmt: skip
     return pd.DataFrame(rows)
+
+
+def reference_reliability(model: str, estimator: str, n_masks: int) -> float | None:
+    """The reliability of ``estimator``'s pooled SM_X map from ``n_masks`` masks as measured
+    against held-out high-mask references (``data/reference/<model>/agreement.json``, written
+    by ``benchmarks/estimators.py``): the squared reliability-corrected correlation with the
+    reference, interpolated in log mask count. ``None`` where the model has no references or
+    the count lies outside the measured range. For a regularised estimator this, not the
+    split-half figure, is its reliability (shrinkage makes halves agree)."""
+    path = REFERENCE_ROOT / model / "agreement.json"
+    if not path.exists():
+        return None
+    table = json.loads(path.read_text()).get("agreement", {}).get(estimator)
+    if not table:
+        return None
+    counts = sorted(int(n) for n in table)
+    if not counts[0] <= n_masks <= counts[-1]:
+        return None
+    r = np.interp(np.log(n_masks), np.log(counts), [table[str(n)]["r_corrected"] for n in counts])
+    return float(np.clip(r, 0.0, 1.0) ** 2)

@@ -36,10 +36,8 @@ each from its own masks only, so split-half reliability keeps its meaning.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -50,26 +48,6 @@ BIN_MEL_FRAMES = 4  # time bins of the envelope fit: 40 ms of SM_X (2 encoder fr
 N_CROSS = 4  # cross-fitting parts of the adjusted estimators
 ATOM_CELLS = (2, 8)  # cells of the "grid" estimator: 20 ms x 8 mel bins
 LAMBDAS = 10.0 ** np.arange(-3.0, 3.01, 0.25)  # penalties, relative to the mean eigenvalue
-
-
-def reference_reliability(model: str, estimator: str, n_masks: int) -> float | None:
-    """The reliability of ``estimator``'s pooled SM_X map from ``n_masks`` masks as measured
-    against held-out high-mask references (``data/reference/<model>/agreement.json``, written
-    by ``benchmarks/estimators.py``): the squared reliability-corrected correlation with the
-    reference, interpolated in log mask count. ``None`` where the model has no references or
-    the count lies outside the measured range. For a regularised estimator this, not the
-    split-half figure, is its reliability (shrinkage makes halves agree)."""
-    path = Path(__file__).resolve().parents[1] / "data" / "reference" / model / "agreement.json"
-    if not path.exists():
-        return None
-    table = json.loads(path.read_text()).get("agreement", {}).get(estimator)
-    if not table:
-        return None
-    counts = sorted(int(n) for n in table)
-    if not counts[0] <= n_masks <= counts[-1]:
-        return None
-    r = np.interp(np.log(n_masks), np.log(counts), [table[str(n)]["r_corrected"] for n in counts])
-    return float(np.clip(r, 0.0, 1.0) ** 2)
 
 
 def check_estimator(name: str) -> None:

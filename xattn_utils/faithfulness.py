@@ -45,8 +45,8 @@ from .attention import head_mean
 from .audio import ENC_SUBSAMPLING, load_audio, n_enc_frames, n_mel_frames
 from .compare import bootstrap_ci, pool_to_enc
 from .decode import Transcript, features
+from .forwards import forward_batch_size, masked_mel_logits
 from .models import LoadedModel, attention_implementation
-from .saliency import forward_batch_size, masked_mel_logits
 
 MODES = ("deletion", "insertion")
 RANDOM = "random"

@@ -8,8 +8,8 @@ import torch
 
 from xattn_utils.attention import forward_attention
 from xattn_utils.decode import decode, features
+from xattn_utils.forwards import encode, fill_value, masked_mel_logits, mel_score_fn, window_frames
 from xattn_utils.perturbation import PerturbationError, PerturbationOptions
-from xattn_utils.saliency import encode, fill_value, masked_mel_logits, mel_score_fn, window_frames
 
 
 @pytest.fixture(scope="module")
