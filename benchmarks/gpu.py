@@ -43,17 +43,18 @@ def main() -> None:
     with torch.no_grad():
         _, logits = forward_attention(loaded, mel, tr)
     n_mel = n_mel_frames(audio)
-    print(f"{utt.id}: {len(audio) / 16000:.1f} s, {len(tr)} tokens, {args.model} on "
-          f"{torch.cuda.get_device_name() if args.device.startswith('cuda') else args.device}")  # fmt: skip
+    cuda = args.device.startswith("cuda")
+    name = torch.cuda.get_device_name() if cuda else args.device
+    print(f"{utt.id}: {len(audio) / 16000:.1f} s, {len(tr)} tokens, {args.model} on {name}")
     base = replace(PerturbationOptions(), n_masks=args.n_masks, design="iid")
     maps = {}
     for precision in ("fp32", "bf16"):
         options = replace(base, precision=precision)
-        if args.device.startswith("cuda"):
+        if cuda:
             torch.cuda.synchronize()
         start = time.perf_counter()
         run = input_spes_run(loaded, mel, tr, logits, n_mel, options=options, progress=False)
-        if args.device.startswith("cuda"):
+        if cuda:
             torch.cuda.synchronize()
         seconds = time.perf_counter() - start
         maps[precision] = pool_to_enc(run.maps()[0])
