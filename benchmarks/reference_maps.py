@@ -78,7 +78,16 @@ def main() -> None:
     parser.add_argument("--stop", type=int, default=None, help="stop at this many masks each")
     parser.add_argument("--seed", type=int, default=12345)
     parser.add_argument("--utterances", default=",".join(UTTERANCES))
+    parser.add_argument(
+        "--maps-only",
+        action="store_true",
+        help="recompute the stored maps from the stored scores (no forwards)",
+    )
     args = parser.parse_args()
+    if args.maps_only:
+        for path in sorted((ROOT / args.model).glob("*.npz")):
+            resave_maps(path)
+        return
 
     loaded = xu.load_model(args.model)
     corpus = {u.id: u for u in load_corpus("demo")}
@@ -130,6 +139,20 @@ def main() -> None:
             save(j, args)
             dt = time.perf_counter() - t0
             print(f"{j['uid']}: {end} masks ({dt / (end - done):.3f} s/mask)", flush=True)
+
+
+def resave_maps(path: Path) -> None:
+    """Recompute the pooled maps of a stored pool from its scores (e.g. after a change of the
+    halves), keeping everything else."""
+    z = dict(np.load(path))
+    label_maps = [lm.astype(np.int64) for lm in z["label_maps"]]
+    sampler = MaskSampler(label_maps, int(z["pool"]), p=0.5, design="iid", seed=int(z["seed"]))
+    shape = (len(z["output_ids"]), *label_maps[0].shape)
+    z |= reference_maps(z["scores"].astype(np.float64), sampler, shape)
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez_compressed(tmp, **z)
+    tmp.replace(path)
+    print(f"{path.stem}: maps of {z['scores'].shape[0]} masks")
 
 
 def save(job: dict, args) -> None:
