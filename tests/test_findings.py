@@ -193,8 +193,8 @@ def test_steps_print_one_line_per_step(capsys):
     with steps.step("01_head_level", "notebook") as row:
         row["html_s"] = 0.5
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0] == "[1/2] explain ..." and re.fullmatch(r"\[2/2\] 01_head_level \.\.\. \d+ s "
-                                                             r"\(html \d+ s\)", lines[-1])  # fmt: skip
+    assert lines[0] == "[1/2] explain ..."
+    assert re.fullmatch(r"\[2/2\] 01_head_level \.\.\. \d+ s \(html \d+ s\)", lines[-1])
     assert list(steps.table()["step"]) == ["explain", "01_head_level", "total"]
 
 
