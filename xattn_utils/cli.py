@@ -187,7 +187,8 @@ def _report(args: argparse.Namespace) -> int:
             "`xattn report` without --shard once every shard is done"
         )
         return 0
-    print(f"report written: {index}")
+    print(f"report written: {index}\nopen it in a browser: xdg-open {index} (macOS: open; or "
+          f"python -m webbrowser file://{index}); every page links back to it")  # fmt: skip
     return 0
 
 

@@ -3,9 +3,10 @@
 nbconvert, and write ``index.html`` (:mod:`xattn_utils.index`).
 
 The console shows one line per step (``[3/10] 02_layer_aggregated.tiny.en ... 41 s``), a table
-of the steps' times at the end, and where the index is. The notebooks' kernels run with
-warnings that the analyses cannot act on (library deprecations, the random model's
-tokenizer) filtered at the source: see :data:`KERNEL_ENV`.
+of the steps' times at the end, and where the index is. The notebooks' kernels run without
+the messages that repeat once per kernel and say nothing about the analysis (the kernel's TCP
+notice, library deprecations, weight-loading bars), filtered at the source: see
+:data:`KERNEL_ENV` and :data:`KERNEL_ARGS`.
 """
 
 from __future__ import annotations
@@ -35,13 +36,16 @@ NOTEBOOKS = {
     "06_convergence": "each",
     "90_explorer": "first",
 }
-# Environment of the notebooks' kernels: no hub progress bars, and Python warnings that repeat
-# in every kernel and say nothing about the analysis silenced (errors still fail the report).
+# Environment of the notebooks' kernels: no progress bars from loading weights, and the
+# library deprecation warnings that pytest also ignores (pyproject) left out of the pages.
 KERNEL_ENV = {
     "HF_HUB_DISABLE_PROGRESS_BARS": "1",
     "TRANSFORMERS_VERBOSITY": "error",
-    "PYTHONWARNINGS": "ignore::DeprecationWarning,ignore::FutureWarning,ignore::UserWarning",
+    "PYTHONWARNINGS": "ignore::DeprecationWarning,ignore::FutureWarning",
 }
+# The kernel application logs only errors: at WARNING it prints "Kernel is running over TCP
+# without encryption" once per notebook on the console (the kernel only listens on localhost).
+KERNEL_ARGS = ["--IPKernelApp.log_level=ERROR"]
 
 
 class NotebookError(RuntimeError):
@@ -107,6 +111,7 @@ def run_notebook(
                 kernel_name=kernel or kernel_name(),
                 cwd=str(cwd or NOTEBOOK_DIR.parent),
                 progress_bar=False,
+                extra_arguments=KERNEL_ARGS,
             )
     except pm.PapermillExecutionError as err:
         raise NotebookError(
