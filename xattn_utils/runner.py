@@ -67,6 +67,21 @@ def environment(values: dict[str, str]) -> Iterator[None]:
                 os.environ[k] = v
 
 
+@contextmanager
+def quiet_loading() -> Iterator[None]:
+    """No progress bars while weights load (hub downloads, transformers' "Loading weights")."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        with environment({"HF_HUB_DISABLE_PROGRESS_BARS": "1"}):
+            yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
+
+
 def kernel_name() -> str:
     """A Jupyter kernel that runs this interpreter: ``python3`` if it does, else ``xattn``
     (installed into ``sys.prefix`` with ``python -m ipykernel install --sys-prefix``)."""
@@ -277,7 +292,7 @@ def build_report(
     steps = Steps(total=1 if shard is not None else len(runs) + 2)  # fmt: skip
     explain_params = params | {"device": device, "use_reference_text": use_reference_text}
     with steps.step(f"explain {','.join(models)} ({n_masks} masks per map)", "explain"):
-        with environment({"HF_HUB_DISABLE_PROGRESS_BARS": "1"}):
+        with quiet_loading():
             failed = precompute(
                 models, corpus, ResultStore(store_path), n_utterances=n_utterances,
                 client=client, shard=shard, **explain_params,
@@ -312,7 +327,7 @@ def build_report(
             pages.append(name)
     settings = {k: v for k, v in common.items() if k not in ("out", "progress")}
     with steps.step("index (findings, headline figure)", "index"):
-        with environment({"HF_HUB_DISABLE_PROGRESS_BARS": "1"}):
+        with quiet_loading():
             explanations, utterances = collect_explanations(
                 models, corpus, ResultStore(store_path), n_utterances=n_utterances,
                 **explain_params,
