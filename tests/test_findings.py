@@ -195,7 +195,7 @@ def test_steps_print_one_line_per_step(capsys):
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == "[1/2] explain ..."
     assert re.fullmatch(r"\[2/2\] 01_head_level \.\.\. \d+ s \(html \d+ s\)", lines[-1])
-    assert list(steps.table()["step"]) == ["explain", "01_head_level", "total"]
+    assert list(steps.table()["step"]) == ["explain", "01_head_level", "total (wall)"]
 
 
 def test_notebook_pages_link_back_to_the_index(tmp_path):

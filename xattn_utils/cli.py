@@ -50,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--method", default="spes", help="spes, saliency, input_x_gradient, ...")
     p.add_argument("--use-reference-text", action="store_true", help="explain reference texts")
     p.add_argument("--store", type=Path, default=Path("out/store"), help="shared results store")
+    p.add_argument("--jobs", type=int, default=1, help="notebooks run at a time (default 1)")
     add_distributed_args(p)
     p.set_defaults(func=_report)
 
@@ -177,6 +178,7 @@ def _report(args: argparse.Namespace) -> int:
                 store=args.store,
                 client=client,
                 shard=args.shard,
+                jobs=args.jobs,
             )
     except report.NotebookError as err:  # the message names the notebook and the cell
         print(f"xattn report: error: {err}", file=sys.stderr)

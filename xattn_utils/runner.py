@@ -16,6 +16,7 @@ import re
 import sys
 import time
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -228,26 +229,44 @@ class Steps:
 
     total: int
     rows: list[dict] = field(default_factory=list)
+    start: float = field(default_factory=time.perf_counter)
 
     @contextmanager
     def step(self, name: str, kind: str) -> Iterator[dict]:
         """Time one step; the yielded dict takes extra columns (e.g. ``html_s``)."""
-        i = len(self.rows) + 1
-        print(f"[{i}/{self.total}] {name} ...", flush=True)
+        print(f"[{len(self.rows) + 1}/{self.total}] {name} ...", flush=True)
         row = {"step": name, "kind": kind}
         start = time.perf_counter()
         yield row
-        row["seconds"] = time.perf_counter() - start
+        self.record(row | {"seconds": time.perf_counter() - start})
+
+    def record(self, row: dict) -> None:
+        """Keep a finished step (``step, kind, seconds`` and extra columns) and print it."""
         self.rows.append(row)
         extra = f" (html {row['html_s']:.0f} s)" if "html_s" in row else ""
-        print(f"[{i}/{self.total}] {name} ... {row['seconds']:.0f} s{extra}", flush=True)
+        print(f"[{len(self.rows)}/{self.total}] {row['step']} ... {row['seconds']:.0f} s{extra}",
+              flush=True)  # fmt: skip
 
     def table(self) -> pd.DataFrame:
-        """``step, kind, seconds, html_s`` (the rendering inside a notebook step)."""
+        """``step, kind, seconds, html_s`` (the rendering inside a notebook step), and a
+        ``total`` row: the wall time since the start (less than the sum when steps overlap)."""
         df = pd.DataFrame(self.rows, columns=["step", "kind", "seconds", "html_s"])
-        return pd.concat([df, pd.DataFrame([{"step": "total", "kind": "",
-                                             "seconds": df["seconds"].sum()}])],
-                         ignore_index=True)  # fmt: skip
+        total = {"step": "total (wall)", "kind": "", "seconds": time.perf_counter() - self.start}
+        return pd.concat([df, pd.DataFrame([total])], ignore_index=True)
+
+
+def notebook_step(stem: str, model: str | None, params: dict, out: Path, kernel: str) -> dict:
+    """Run one notebook for ``model`` (None: for all of ``params["models"]``) and render its
+    pages; returns its row of the time table."""
+    name = stem if model is None else f"{stem}.{model}"
+    start = time.perf_counter()
+    executed = out / "notebooks" / f"{name}.ipynb"
+    run_notebook(stem, params | {"model": model or params["models"][0]}, executed, kernel=kernel)
+    rendered = time.perf_counter()
+    render_html(executed, out / f"{name}.html")
+    render_html(executed, out / "code" / f"{name}.html", code=True)
+    end = time.perf_counter()
+    return {"step": name, "kind": "notebook", "seconds": end - start, "html_s": end - rendered}
 
 
 def build_report(
@@ -265,8 +284,10 @@ def build_report(
     notebooks: Sequence[str] | None = None,
     client=None,
     shard: tuple[int, int] | None = None,
+    jobs: int = 1,
 ) -> Path | None:
-    """Explain, run every notebook, render HTML (``<stem>[.<model>].html``, with code under
+    """Explain, run every notebook (``jobs`` at a time, each kernel then on one thread unless
+    ``OMP_NUM_THREADS`` says otherwise), render HTML (``<stem>[.<model>].html``, with code under
     ``code/``) and write ``out/index.html``; headline CSVs, the headline figure and the steps'
     times (``timings.csv``) go to ``out/metrics/``.
 
@@ -277,6 +298,8 @@ def build_report(
     from .index import write_index
     from .store import ResultStore
 
+    if not isinstance(jobs, int) or jobs < 1:
+        raise ValueError(f"jobs must be a positive number of notebooks at a time, got {jobs!r}")
     out = Path(out).resolve()
     store_path = Path(store).resolve()
     params = {"method": method, "n_masks": n_masks, "seed": seed}
@@ -314,17 +337,25 @@ def build_report(
     }
     for stale in (out / "metrics").glob("*_headline.csv"):  # from an earlier run
         stale.unlink()
-    kernel, pages = kernel_name(), []
-    for stem, model in runs:
-        name = stem if model is None else f"{stem}.{model}"
-        with steps.step(name, "notebook") as row:
-            executed = out / "notebooks" / f"{name}.ipynb"
-            run_notebook(stem, common | {"model": model or models[0]}, executed, kernel=kernel)
-            start = time.perf_counter()
-            render_html(executed, out / f"{name}.html")
-            render_html(executed, out / "code" / f"{name}.html", code=True)
-            row["html_s"] = time.perf_counter() - start
-            pages.append(name)
+    kernel = kernel_name()
+    if jobs == 1:
+        for stem, model in runs:
+            name = stem if model is None else f"{stem}.{model}"
+            print(f"[{len(steps.rows) + 1}/{steps.total}] {name} ...", flush=True)
+            steps.record(notebook_step(stem, model, common, out, kernel))
+    else:  # kernels share the cores: one thread each unless the caller chose
+        threads = {k: os.environ.get(k, "1") for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+        with environment(KERNEL_ENV | threads), ThreadPoolExecutor(jobs) as pool:
+            futures = [pool.submit(notebook_step, stem, model, common, out, kernel)
+                       for stem, model in runs]  # fmt: skip
+            try:
+                for future in as_completed(futures):
+                    steps.record(future.result())
+            except BaseException:  # a failing notebook stops the report: start no other
+                for future in futures:
+                    future.cancel()
+                raise
+    pages = [stem if model is None else f"{stem}.{model}" for stem, model in runs]
     settings = {k: v for k, v in common.items() if k not in ("out", "progress")}
     with steps.step("index (findings, headline figure)", "index"):
         with quiet_loading():
