@@ -185,7 +185,8 @@ def write_index(
     parts = [f"<h1>xattn: how much does cross-attention explain?</h1><p>Written {esc(when)}"
              f"{took}.</p>"]  # fmt: skip
     if explanations:
-        prov = provenance(explanations, utterances)
+        prov = {"data": params["data"]} if "data" in params else {}
+        prov |= provenance(explanations, utterances)
         parts.append("<table>" + "".join(f"<tr><th>{esc(k)}</th><td>{esc(str(v))}</td></tr>"
                                          for k, v in prov.items()) + "</table>")  # fmt: skip
         evidence = Evidence.from_explanations(explanations, utterances, n_boot=n_boot, seed=seed)
