@@ -189,6 +189,12 @@ def _report(args: argparse.Namespace) -> int:
             "`xattn report` without --shard once every shard is done"
         )
         return 0
+    import time
+
+    import psutil  # a dependency of dask's
+
+    took = time.time() - psutil.Process().create_time()
+    print(f"{took:.0f} s in all, from the command's start (imports included)")
     print(f"report written: {index}\nopen it in a browser: xdg-open {index} (macOS: open; or "
           f"python -m webbrowser file://{index}); every page links back to it")  # fmt: skip
     return 0
