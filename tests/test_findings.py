@@ -59,7 +59,8 @@ def page(stored, corpus, tmp_path_factory):
     out = tmp_path_factory.mktemp("report")
     steps = pd.DataFrame([{"step": "explain random-tiny", "kind": "explain", "seconds": 3.0},
                           {"step": "01_head_level", "kind": "notebook", "seconds": 9.0,
-                           "html_s": 1.0}])  # fmt: skip
+                           "html_s": 1.0},
+                          {"step": "total (wall)", "kind": "", "seconds": 90.0}])  # fmt: skip
     path = write_index(out, ["01_head_level.random-tiny"], {"data": "demo-like"},
                        steps=steps, explanations=stored, utterances=corpus, n_boot=300)  # fmt: skip
     return out, path.read_text(encoding="utf-8")
@@ -183,7 +184,7 @@ def test_index_says_what_produced_it_and_how_long_it_took(page):
     for needed in ["random-tiny", "data</th><td>demo-like", "SM_X masks per map</th><td>6",
                    "SM_H masks per map</th><td>24", "SM_X estimator</th><td>mean",
                    "mask design</th><td>iid", "Written 20", "2 synthetic", "01_head_level",
-                   "of which HTML s"]:  # fmt: skip
+                   "of which HTML s", "in 1.5 min"]:  # fmt: skip
         assert needed in text, needed
 
 

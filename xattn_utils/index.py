@@ -149,9 +149,9 @@ def _reliability_note(metrics: Path) -> str:
 
 def _steps_html(steps: pd.DataFrame) -> str:
     df = steps.copy()
-    df["seconds"] = df["seconds"].round(0)
+    df["seconds"] = df["seconds"].map("{:.0f}".format)
     if "html_s" in df:
-        df["html_s"] = df["html_s"].round(1)
+        df["html_s"] = df["html_s"].map(lambda v: "" if pd.isna(v) else f"{v:.0f}")
     df = df.rename(columns={"seconds": "wall s", "html_s": "of which HTML s"})
     return (
         "<h2>Time</h2><p class='small'>Wall time of each step of this run (the index step "
@@ -179,8 +179,11 @@ def write_index(
     out = Path(out)
     metrics = out / "metrics"
     when = dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
-    if seconds is None and steps is not None:
-        seconds = float(steps.loc[steps["step"] != "total", "seconds"].sum())
+    if seconds is None and steps is not None:  # wall time so far: the total row, if any
+        total = steps["step"].str.startswith("total")
+        seconds = float(
+            steps.loc[total, "seconds"].max() if total.any() else steps["seconds"].sum()
+        )
     took = "" if seconds is None else f" in {seconds / 60:.1f} min"
     parts = [f"<h1>xattn: how much does cross-attention explain?</h1><p>Written {esc(when)}"
              f"{took}.</p>"]  # fmt: skip
