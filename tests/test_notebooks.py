@@ -81,6 +81,11 @@ def test_xattn_report_on_tiny_en(tmp_path):
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1800)
     assert done.returncode == 0, done.stderr[-3000:]
     index = (out / "index.html").read_text(encoding="utf-8")
+    assert "<figure id='headline'>" in index and "<table id='findings'>" in index
+    steps = len(report.NOTEBOOKS) + 2  # explain, each notebook, the index
+    assert len(pd.read_csv(out / "metrics" / "timings.csv")) == steps + 1  # and the total
+    assert f"[1/{steps}] explain tiny.en" in done.stdout and "xdg-open" in done.stdout
+    assert "Kernel is running over TCP" not in done.stderr
     for stem, runs in report.NOTEBOOKS.items():
         name = stem if runs == "all" else f"{stem}.tiny.en"
         assert (out / f"{name}.html").is_file() and f'href="{name}.html"' in index

@@ -50,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--method", default="spes", help="spes, saliency, input_x_gradient, ...")
     p.add_argument("--use-reference-text", action="store_true", help="explain reference texts")
     p.add_argument("--store", type=Path, default=Path("out/store"), help="shared results store")
+    p.add_argument("--jobs", type=int, default=1, help="notebooks run at a time (default 1)")
     add_distributed_args(p)
     p.set_defaults(func=_report)
 
@@ -177,6 +178,7 @@ def _report(args: argparse.Namespace) -> int:
                 store=args.store,
                 client=client,
                 shard=args.shard,
+                jobs=args.jobs,
             )
     except report.NotebookError as err:  # the message names the notebook and the cell
         print(f"xattn report: error: {err}", file=sys.stderr)
@@ -187,7 +189,14 @@ def _report(args: argparse.Namespace) -> int:
             "`xattn report` without --shard once every shard is done"
         )
         return 0
-    print(f"report written: {index}")
+    import time
+
+    import psutil  # a dependency of dask's
+
+    took = time.time() - psutil.Process().create_time()
+    print(f"{took:.0f} s in all, from the command's start (imports included)")
+    print(f"report written: {index}\nopen it in a browser: xdg-open {index} (macOS: open; or "
+          f"python -m webbrowser file://{index}); every page links back to it")  # fmt: skip
     return 0
 
 

@@ -457,3 +457,62 @@ def plot_faithfulness_curves(curves, *, mode: str = "deletion", ax: Axes | None 
            ylabel="p(reference token), mean", xlim=(0, 1), ylim=(0, None), title=mode)  # fmt: skip
     ax.legend(fontsize="small", title=None)
     return ax
+
+
+def plot_headline(
+    views: pd.DataFrame, study: pd.DataFrame | None = None, *, ax: Axes | None = None
+) -> Axes:
+    """The report's headline: r of each CA view with SM_X and SM_H, observed (filled) and
+    corrected for the map's reliability (hollow), with 95% CIs, one row per model and view.
+
+    ``views`` is a :func:`~xattn_utils.findings.headline_views` table; ``study`` (a
+    :func:`~xattn_utils.findings.study_values` table) adds the study's published values below,
+    in grey: its own models and data, not a measurement here. CIs are clipped to the axis.
+    """
+    rows = views[["model", "task", "aggregate"]].drop_duplicates()
+    labels = [f"{m}{'' if t == 'transcribe' else f' ({t})'}: {a}" for m, t, a in rows.values]
+    n_study = 0 if study is None else study["model"].nunique()
+    ax = _axes(ax, (11, 0.45 * (len(labels) + n_study) + 1.5))
+    xlim = (-0.4, 1.2)
+    marks = [("SM_X", "r", -0.24), ("SM_X", "r_corrected", -0.08),
+             ("SM_H", "r", 0.08), ("SM_H", "r_corrected", 0.24)]  # fmt: skip
+    for y, (model, task, aggregate) in enumerate(rows.values):
+        here = views[(views["model"] == model) & (views["task"] == task)]
+        here = here[here["aggregate"] == aggregate].set_index("comparison")
+        for map_name, col, dy in marks:
+            if f"CA vs {map_name}" not in here.index or col not in ("r", *here.columns):
+                continue
+            row = here.loc[f"CA vs {map_name}"]
+            mean = row["mean" if col == "r" else col]
+            lo, hi = (row["low"], row["high"]) if col == "r" else (row[f"{col}_low"],
+                                                                   row[f"{col}_high"])  # fmt: skip
+            if not np.isfinite(mean):  # no correction possible: nothing to draw
+                continue
+            ax.plot(np.clip([lo, hi], *xlim), [y + dy] * 2, color=_COLORS[map_name], lw=1.5)
+            face = _COLORS[map_name] if col == "r" else "white"
+            ax.plot([mean], [y + dy], "o", color=_COLORS[map_name], mfc=face, ms=6)
+    if study is not None:
+        y0 = len(labels)
+        ax.axhline(y0 - 0.5, color="0.3", lw=0.8)
+        for i, (model, sub) in enumerate(study.groupby("model", sort=False)):
+            for _, row in sub.iterrows():
+                dy = -0.12 if row["comparison"] == "CA vs SM_X" else 0.12
+                ax.plot([row["low"], row["high"]], [y0 + i + dy] * 2, color="0.45", lw=3)
+                ax.plot([row["mean"]], [y0 + i + dy], "D" if dy < 0 else "|", color="0.45")
+            labels.append(f"the study's {model} (its data)")
+    ax.set_yticks(range(len(labels)), labels)
+    ax.set_ylim(len(labels) - 0.5, -0.5)
+    ax.set_xlim(*xlim)
+    ax.axvline(0, color="0.5", lw=0.8)
+    handles = [plt.Line2D([], [], marker="o", color=_COLORS[m], mfc=f, label=lab)
+               for m, f, lab in [("SM_X", _COLORS["SM_X"], "CA vs SM_X, observed"),
+                                 ("SM_X", "white", "CA vs SM_X, corrected"),
+                                 ("SM_H", _COLORS["SM_H"], "CA vs SM_H, observed"),
+                                 ("SM_H", "white", "CA vs SM_H, corrected")]]  # fmt: skip
+    if study is not None:
+        handles.append(plt.Line2D([], [], color="0.45", lw=3, marker="D",
+                                  label="the study (SM_X point, SM_H range)"))  # fmt: skip
+    ax.legend(handles=handles, fontsize="small", loc="upper left", bbox_to_anchor=(1, 1))
+    ax.set(xlabel="Pearson r per token, mean over utterances (unitless), 95% bootstrap CI",
+           title="CA vs saliency: each CA view, observed and reliability-corrected")  # fmt: skip
+    return ax
