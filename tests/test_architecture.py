@@ -23,9 +23,10 @@ MODULES = {p.stem: p for p in sorted(PACKAGE.glob("*.py")) if p.stem != "__init_
 ORDER = [
     "audio", "store", "data", "convert", "models", "decode", "attention", "gradients",
     "perturbation", "saliency", "compare", "convergence", "faithfulness", "timestamps", "plots",
-    "widgets", "report", "cli",
+    "mixing", "context", "widgets", "report", "cli",
 ]  # fmt: skip
-MODEL_CODE = {"models", "decode", "attention", "saliency", "gradients", "perturbation", "convert"}
+MODEL_CODE = {"models", "decode", "attention", "saliency", "gradients", "perturbation", "convert",
+              "mixing"}  # fmt: skip
 NO_MODEL_CODE = ("plots", "compare", "store")  # never import model code, not even lazily
 PARAMETERS = {
     "model", "data", "n_utterances", "method", "n_masks", "task", "language", "device", "seed",
