@@ -159,7 +159,7 @@ def _source(cell: dict) -> str:
 
 
 def test_there_are_notebooks():
-    assert [p.stem[:2] for p in NOTEBOOKS] == ["00", "01", "02", "03", "04", "05", "06", "90"]
+    assert [p.stem[:2] for p in NOTEBOOKS] == ["00", "01", "02", "03", "04", "05", "06", "07", "90"]
 
 
 def test_every_notebook_joins_the_report():

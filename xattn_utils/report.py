@@ -53,6 +53,7 @@ NOTEBOOKS = {
     "04_timestamps": "each",
     "05_faithfulness": "each",
     "06_convergence": "each",
+    "07_context_mixing": "all",
     "90_explorer": "first",
 }
 COMPARISONS = ("CA vs SM_X", "CA vs SM_H", "SM_X vs SM_H")
