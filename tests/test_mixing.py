@@ -147,3 +147,14 @@ def test_gap_closed_observed_and_corrected():
     assert np.isnan(context.gap_closed(_table([0.1], [0.5], [0.3], 0.0, 1.0)).share_corrected)
     frame = context.gap_closed_table(table, views=["CA -> input"])
     assert list(frame["subset"]) == ["s", "all"] and frame["share"].iloc[0] == got.share
+
+
+def test_rollout_with_residual_stays_row_stochastic(mixed):
+    rolled = mixed.rollout(residual=0.5)
+    torch.testing.assert_close(rolled.sum(-1), torch.ones_like(rolled.sum(-1)))
+    eye = torch.eye(mixed.matrices.shape[-1])
+    half = 0.5 * mixed.matrices + 0.5 * eye
+    torch.testing.assert_close(rolled[1], half[1] @ half[0])
+    torch.testing.assert_close(mixing.rollout(mixed.matrices, residual=1.0)[-1], eye)
+    with pytest.raises(ValueError, match="residual"):
+        mixed.rollout(residual=1.5)

@@ -32,7 +32,8 @@ from .compare import (
 if TYPE_CHECKING:  # results only: no model code at import time
     from .mixing import EncoderMixing
 
-VIEWS = ("CA", "CA x |f(x)|", "CA -> input")  # raw, norm-weighted, propagated to the input
+# raw, norm-weighted, propagated to the input (value-zeroing rollout; with 0.5 identity added)
+VIEWS = ("CA", "CA x |f(x)|", "CA -> input", "CA -> input (+0.5 I)")
 
 
 def _subsets(utterances: Sequence) -> dict[str, str]:
@@ -67,7 +68,8 @@ def context_table(
 ) -> pd.DataFrame:
     """Per utterance and CA view (:data:`VIEWS`: mean over all heads of raw CA, of
     :func:`~xattn_utils.compare.norm_weighted` CA and of CA propagated through the encoder's
-    rolled-out mixing), mean per-token r with SM_X (max-pooled to 20 ms) and with SM_H, special
+    rolled-out mixing, as Mohebbi et al. and with half identity added to every layer as a
+    residual-aware check), mean per-token r with SM_X (max-pooled to 20 ms) and with SM_H, special
     tokens excluded, and the two maps' split-half reliabilities (NaN without folds)."""
     by_id = {(m.model, m.utterance): m for m in mixings}
     subsets, rows = _subsets(utterances), []
@@ -80,8 +82,9 @@ def context_table(
             raise ValueError(f"{e.utterance}: CA has {ca.shape[-1]} enc_frames, mixing "
                              f"{m.n_speech}: not the same audio")  # fmt: skip
         raw = ca.mean((0, 1))
-        views = dict(zip(VIEWS, (raw, norm_weighted(ca, m.value_norms).mean((0, 1)),
-                                 m.propagate(raw)), strict=True))  # fmt: skip
+        weighted = norm_weighted(ca, m.value_norms).mean((0, 1))
+        maps = (raw, weighted, m.propagate(raw), m.propagate(raw, residual=0.5))
+        views = dict(zip(VIEWS, maps, strict=True))
         sm_x, sm_h = pool_to_enc(e.input_saliency), e.encoder_saliency
         n = min(m.n_speech, sm_x.shape[-1], sm_h.shape[-1])
         keep = [not s for s in e.special]

@@ -209,11 +209,16 @@ def row_normalise(distances: torch.Tensor) -> torch.Tensor:
     return torch.where(total > 0, distances / total.clamp_min(1e-30), torch.zeros_like(distances))
 
 
-def rollout(matrices: torch.Tensor) -> torch.Tensor:
-    """Abnar & Zuidema rollout without added identity: ``R_l = C_l @ R_{l-1}``, shape kept
-    (layers, out, in). Row-stochastic ``C_l`` give row-stochastic ``R_l``."""
+def rollout(matrices: torch.Tensor, *, residual: float = 0.0) -> torch.Tensor:
+    """Abnar & Zuidema rollout ``R_l = C_l' @ R_{l-1}``, shape kept (layers, out, in), with
+    ``C_l' = (1 - residual) C_l + residual I``. ``residual = 0`` (default, as Mohebbi et al. do
+    for value zeroing) adds no identity; Abnar & Zuidema use 0.5 for raw attention. Row-stochastic
+    ``C_l`` give row-stochastic ``R_l`` for any ``residual`` in [0, 1]."""
+    if not 0 <= residual <= 1:
+        raise ValueError(f"residual must be in [0, 1], got {residual}")
+    eye = torch.eye(matrices.shape[-1], dtype=matrices.dtype, device=matrices.device)
     out, acc = [], None
-    for c in matrices:
+    for c in (1 - residual) * matrices + residual * eye:
         acc = c if acc is None else c @ acc
         out.append(acc)
     return torch.stack(out)
@@ -241,14 +246,16 @@ class EncoderMixing:
     def padding(self) -> bool:
         return self.matrices.shape[-1] > self.n_speech
 
-    def rollout(self) -> torch.Tensor:
-        """Mixing rolled out through layers 0..l for every l, shape as ``matrices``."""
-        return rollout(self.matrices)
+    def rollout(self, *, residual: float = 0.0) -> torch.Tensor:
+        """Mixing rolled out through layers 0..l for every l, shape as ``matrices``
+        (:func:`rollout`)."""
+        return rollout(self.matrices, residual=residual)
 
-    def propagate(self, ca: torch.Tensor) -> torch.Tensor:
+    def propagate(self, ca: torch.Tensor, *, residual: float = 0.0) -> torch.Tensor:
         """CA (..., tokens, S) carried to the encoder's input side through the full rollout
         (CA's mass beyond the speech, 1 - row sum, enters through the padding block)."""
-        return propagate(ca, self.rollout()[-1], padding_block=self.padding)
+        rolled = self.rollout(residual=residual)[-1]
+        return propagate(ca, rolled, padding_block=self.padding)
 
     def shares(self, *, rolled_out: bool = False, near: int = 2) -> pd.DataFrame:
         """Mean over speech output frames of where a frame's output comes from, per layer:
