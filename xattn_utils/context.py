@@ -138,6 +138,13 @@ class GapClosed:
         return pd.DataFrame([self.__dict__])
 
 
+def _nanmean(x: np.ndarray, axis: int | None = None):
+    """Mean over the finite values (NaN where there are none), without warnings."""
+    ok = np.isfinite(x)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(ok, x, 0.0).sum(axis) / ok.sum(axis)
+
+
 def _shares(x0, h0, x1, rx, rh) -> tuple[np.ndarray, np.ndarray]:
     """Observed and corrected share for arrays of resamples (..., n)."""
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -173,10 +180,8 @@ def gap_closed(
         nan = math.nan
         return GapClosed(label["model"], label["subset"], view, 0, *([nan] * 17), level)
     idx = np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
-    share, corrected = _shares(x0, h0, x1, np.nanmean(rx), np.nanmean(rh))
-    boot, boot_c = _shares(
-        x0[idx], h0[idx], x1[idx], np.nanmean(rx[idx], 1), np.nanmean(rh[idx], 1)
-    )
+    share, corrected = _shares(x0, h0, x1, _nanmean(rx), _nanmean(rh))
+    boot, boot_c = _shares(x0[idx], h0[idx], x1[idx], _nanmean(rx[idx], 1), _nanmean(rh[idx], 1))
     alpha = (1 - level) / 2
 
     def ci(values: np.ndarray) -> tuple[float, float]:
@@ -188,7 +193,7 @@ def gap_closed(
     return GapClosed(
         label["model"], label["subset"], view, n, float(x0.mean()), float(h0.mean()),
         float(x1.mean()), gap.mean, gap.low, gap.high, closed.mean, closed.low, closed.high,
-        float(share), *ci(boot), float(np.nanmean(rx)), float(np.nanmean(rh)),
+        float(share), *ci(boot), float(_nanmean(rx)), float(_nanmean(rh)),
         float(corrected), *ci(boot_c), level,
     )  # fmt: skip
 

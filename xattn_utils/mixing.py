@@ -321,11 +321,11 @@ def encoder_mixing(
     s = min(n_enc_frames(audio), N_ENC_FRAMES)
     device = states.device
     groups = _groups(s, group, device)
+    sizes = [len(g) for g in groups]
     pad_rows = torch.arange(s, N_ENC_FRAMES, pad_stride, device=device)
     if len(pad_rows):
         groups.append(torch.arange(s, N_ENC_FRAMES, device=device))
     rows = torch.cat([torch.arange(s, device=device), pad_rows])
-    sizes = [len(g) for g in groups[: len(_groups(s, group, device))]]
     raw, layers = [], encoder.layers
     for ly, layer in enumerate(layers):
         norm = encoder.layer_norm if ly == len(layers) - 1 else None
