@@ -160,3 +160,15 @@ def test_rollout_with_residual_stays_row_stochastic(mixed):
     torch.testing.assert_close(mixing.rollout(mixed.matrices, residual=1.0)[-1], eye)
     with pytest.raises(ValueError, match="residual"):
         mixed.rollout(residual=1.5)
+
+
+def test_plot_mixing_draws_the_speech_block(mixed):
+    import matplotlib.pyplot as plt
+
+    from xattn_utils import plots
+
+    ax = plots.plot_mixing(mixed, layer=0, rolled_out=False)
+    assert ax.images[0].get_array().shape == (mixed.n_speech, mixed.n_speech)
+    assert "layer 0" in ax.get_title()
+    assert "rollout through layer 1" in plots.plot_mixing(mixed).get_title()
+    plt.close("all")
