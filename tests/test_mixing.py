@@ -144,6 +144,7 @@ def test_gap_closed_observed_and_corrected():
     assert got.gap == pytest.approx(0.4) and got.closed == pytest.approx(0.2)
     # corrected: (0.2 / 0.5) / (0.5 / 1 - 0.1 / 0.5)
     assert got.share_corrected == pytest.approx(0.4 / 0.3)
+    assert got.gap_corrected == pytest.approx(0.3)
     assert np.isnan(context.gap_closed(_table([0.1], [0.5], [0.3], 0.0, 1.0)).share_corrected)
     no_folds = context.gap_closed(_table(0.1 + noise, 0.5 + noise, 0.3 + noise, np.nan, np.nan))
     assert no_folds.share == pytest.approx(0.5) and np.isnan(no_folds.share_corrected)

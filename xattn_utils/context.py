@@ -109,7 +109,8 @@ class GapClosed:
     ``share = mean[r(view, SM_X) - r(CA, SM_X)] / mean[r(CA, SM_H) - r(CA, SM_X)]`` over ``n``
     utterances, with a 95% percentile bootstrap CI (utterances resampled); ``*_corrected``: the
     same with every r disattenuated by its map's mean reliability in each resample (NaN where a
-    mean reliability is not positive)."""
+    mean reliability is not positive); ``gap_corrected`` is the corrected denominator: when
+    it is near 0 the corrected share is ill-conditioned, whatever its CI says."""
 
     model: str
     subset: str
@@ -129,6 +130,7 @@ class GapClosed:
     share_high: float
     reliability_x: float
     reliability_h: float
+    gap_corrected: float
     share_corrected: float
     share_corrected_low: float
     share_corrected_high: float
@@ -145,14 +147,15 @@ def _nanmean(x: np.ndarray, axis: int | None = None):
         return np.where(ok, x, 0.0).sum(axis) / ok.sum(axis)
 
 
-def _shares(x0, h0, x1, rx, rh) -> tuple[np.ndarray, np.ndarray]:
-    """Observed and corrected share for arrays of resamples (..., n)."""
+def _shares(x0, h0, x1, rx, rh) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Observed share, corrected share and corrected gap for arrays of resamples (..., n)."""
     with np.errstate(invalid="ignore", divide="ignore"):
         share = (x1 - x0).mean(-1) / (h0 - x0).mean(-1)
         sx = np.where(rx > 0, np.sqrt(np.clip(rx, 1e-12, 1.0)), np.nan)
         sh = np.where(rh > 0, np.sqrt(np.clip(rh, 1e-12, 1.0)), np.nan)
-        corrected = ((x1 - x0).mean(-1) / sx) / (h0.mean(-1) / sh - x0.mean(-1) / sx)
-    return share, corrected
+        gap = h0.mean(-1) / sh - x0.mean(-1) / sx
+        corrected = ((x1 - x0).mean(-1) / sx) / gap
+    return share, corrected, gap
 
 
 def gap_closed(
@@ -178,10 +181,10 @@ def gap_closed(
     label = {c: "+".join(map(str, table[c].unique())) for c in ("model", "subset")}
     if n == 0:
         nan = math.nan
-        return GapClosed(label["model"], label["subset"], view, 0, *([nan] * 17), level)
+        return GapClosed(label["model"], label["subset"], view, 0, *([nan] * 18), level)
     idx = np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
-    share, corrected = _shares(x0, h0, x1, _nanmean(rx), _nanmean(rh))
-    boot, boot_c = _shares(x0[idx], h0[idx], x1[idx], _nanmean(rx[idx], 1), _nanmean(rh[idx], 1))
+    share, corrected, gap_c = _shares(x0, h0, x1, _nanmean(rx), _nanmean(rh))
+    boot, boot_c, _ = _shares(x0[idx], h0[idx], x1[idx], _nanmean(rx[idx], 1), _nanmean(rh[idx], 1))
     alpha = (1 - level) / 2
 
     def ci(values: np.ndarray) -> tuple[float, float]:
@@ -193,7 +196,7 @@ def gap_closed(
     return GapClosed(
         label["model"], label["subset"], view, n, float(x0.mean()), float(h0.mean()),
         float(x1.mean()), gap.mean, gap.low, gap.high, closed.mean, closed.low, closed.high,
-        float(share), *ci(boot), float(_nanmean(rx)), float(_nanmean(rh)),
+        float(share), *ci(boot), float(_nanmean(rx)), float(_nanmean(rh)), float(gap_c),
         float(corrected), *ci(boot_c), level,
     )  # fmt: skip
 
