@@ -54,6 +54,7 @@ report: install ## run every analysis notebook on the bundled models and demo da
 bench: $(STAMP) ## benchmarks (print measured ratios)
 	$(BIN)/python benchmarks/saliency.py
 	$(BIN)/python benchmarks/scale.py
+	$(BIN)/python benchmarks/mixing.py
 
 clean: ## remove reports and caches (not the venv)
 	rm -rf reports out .pytest_cache .ruff_cache

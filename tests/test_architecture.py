@@ -23,12 +23,12 @@ MODULES = {p.stem: p for p in sorted(PACKAGE.glob("*.py")) if p.stem != "__init_
 ORDER = [
     "audio", "store", "data", "convert", "models", "decode", "attention", "gradients",
     "perturbation", "estimators", "forwards", "saliency", "compare", "convergence",
-    "faithfulness", "timestamps", "tables", "findings", "plots", "widgets", "report", "index",
-    "runner", "cli",
+    "faithfulness", "timestamps", "mixing", "context", "tables", "findings", "plots", "widgets",
+    "report", "index", "runner", "cli",
 ]  # fmt: skip
 MODEL_CODE = {
     "models", "decode", "attention", "saliency", "gradients", "perturbation", "estimators",
-    "forwards", "convert",
+    "forwards", "convert", "mixing",
 }  # fmt: skip
 # never import model code, not even lazily
 NO_MODEL_CODE = ("plots", "compare", "store", "tables", "findings")
@@ -163,7 +163,7 @@ def _source(cell: dict) -> str:
 
 
 def test_there_are_notebooks():
-    assert [p.stem[:2] for p in NOTEBOOKS] == ["00", "01", "02", "03", "04", "05", "06", "90"]
+    assert [p.stem[:2] for p in NOTEBOOKS] == ["00", "01", "02", "03", "04", "05", "06", "07", "90"]
 
 
 def test_every_notebook_joins_the_report():

@@ -37,6 +37,7 @@ __all__ = [
 ]
 
 _LAZY = ("convergence", "faithfulness", "plots", "report", "timestamps", "whisper_ref", "widgets")
+_LAZY += ("context", "mixing")
 
 
 def __getattr__(name: str):

@@ -550,3 +550,38 @@ def reference_reliability(model: str, estimator: str, n_masks: int) -> float | N
         return None
     r = np.interp(np.log(n_masks), np.log(counts), [table[str(n)]["r_corrected"] for n in counts])
     return float(np.clip(r, 0.0, 1.0) ** 2)
+# -- CA views that account for the encoder (value norms, context mixing) -----------------------
+
+
+def norm_weighted(ca: Array, value_norms: Array) -> torch.Tensor:
+    """CA weighted by the norm of the transformed values, ``||alpha_ij f_h(x_j)||`` per head
+    (Kobayashi et al., EMNLP 2020): CA (layers, heads, tokens, enc_frames) times ``value_norms``
+    (layers, heads, enc_frames), both cropped to the shorter time axis. Same shape as CA."""
+    x, v = _tensor(ca), _tensor(value_norms).to(_tensor(ca).device)
+    if x.ndim != 4 or v.ndim != 3 or x.shape[:2] != v.shape[:2]:
+        raise ValueError(
+            f"need CA (layers, heads, tokens, enc_frames) and value norms (layers, heads, "
+            f"enc_frames) with the same layers and heads, got {tuple(x.shape)}, {tuple(v.shape)}"
+        )
+    n = min(x.shape[-1], v.shape[-1])
+    return x[..., :n] * v[:, :, None, :n]
+
+
+def propagate(ca: Array, mixing: Array, *, padding_block: bool = False) -> torch.Tensor:
+    """A map on the encoder output carried to the encoder's input side: ``ca @ mixing``.
+
+    ``ca`` shape = (..., tokens, enc_frames) with ``S`` frames; ``mixing`` (rows = output frame,
+    columns = input frame) shape = (S, S), or (S + 1, S + 1) with ``padding_block``: then the
+    map's mass beyond the speech (``1 - row sum``, CA rows summing to 1 over all 1500 frames)
+    enters through the block's row and the block's column is dropped. Returns (..., tokens, S).
+    """
+    x, m = _tensor(ca), _tensor(mixing).to(_tensor(ca).device, _tensor(ca).dtype)
+    s = x.shape[-1]
+    if m.ndim != 2 or m.shape[0] != m.shape[1] or m.shape[0] != s + int(padding_block):
+        raise ValueError(
+            f"mixing must be square with {s + int(padding_block)} rows for a map with {s} "
+            f"frames (padding_block={padding_block}), got {tuple(m.shape)}"
+        )
+    if padding_block:
+        x = torch.cat([x, (1 - x.sum(-1, keepdim=True)).clamp_min(0)], dim=-1)
+    return (x @ m)[..., :s]

@@ -25,6 +25,7 @@ from matplotlib.patches import Rectangle
 from .compare import ca_view, normalize, pool_to_enc, view_specs
 
 if TYPE_CHECKING:  # no model code at import time
+    from .mixing import EncoderMixing
     from .saliency import Explanation
 
 MAPS = ("CA", "SM_H", "SM_X")
@@ -515,4 +516,29 @@ def plot_headline(
     ax.legend(handles=handles, fontsize="small", loc="upper left", bbox_to_anchor=(1, 1))
     ax.set(xlabel="Pearson r per token, mean over utterances (unitless), 95% bootstrap CI",
            title="CA vs saliency: each CA view, observed and reliability-corrected")  # fmt: skip
+def plot_mixing(
+    mixing: EncoderMixing,
+    *,
+    layer: int = -1,
+    rolled_out: bool = True,
+    ax: Axes | None = None,
+    cmap: str = "magma",
+) -> Axes:
+    """Output frame x input frame heatmap of one utterance's encoder mixing over the speech
+    (value zeroing, :mod:`xattn_utils.mixing`), rolled out through ``layer`` or that layer
+    alone; axes in seconds, colour on a square-root scale (a frame's share of its own row)."""
+    from matplotlib.colors import PowerNorm
+
+    stack = mixing.rollout() if rolled_out else mixing.matrices
+    m, number = stack[layer], range(stack.shape[0])[layer]
+    s = mixing.n_speech
+    seconds = s * mixing.enc_frame_seconds
+    ax = _axes(ax, (5, 4.4))
+    image = ax.imshow(m[:s, :s].numpy(), cmap=cmap, norm=PowerNorm(0.5), origin="upper",
+                      extent=(0, seconds, seconds, 0), interpolation="nearest")  # fmt: skip
+    what = f"rollout through layer {number}" if rolled_out else f"layer {number}"
+    ax.set(xlabel="input frame time (s)", ylabel="output frame time (s)",
+           title=f"{mixing.model} {mixing.utterance}: encoder mixing, {what}")  # fmt: skip
+    ax.grid(False)
+    ax.figure.colorbar(image, ax=ax, label="share of the output row", fraction=0.04, pad=0.01)
     return ax

@@ -35,6 +35,7 @@ NOTEBOOKS = {
     "04_timestamps": "each",
     "05_faithfulness": "each",
     "06_convergence": "each",
+    "07_context_mixing": "all",
     "90_explorer": "first",
 }
 # Environment of the notebooks' kernels: no progress bars from loading weights, and the
