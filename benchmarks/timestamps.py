@@ -20,7 +20,7 @@ import xattn_utils as xu
 from xattn_utils import aligner, calibration
 from xattn_utils.timestamps import pool_scores, score_timings
 
-METHODS = ["whisper", "all-heads", "select", "chars", "chars-refined"]
+METHODS = ["whisper", "all-heads", "all-heads-refined", "select", "chars", "chars-refined"]
 
 
 def row(name, scores, seconds, audio_s) -> str:

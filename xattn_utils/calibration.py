@@ -112,10 +112,12 @@ def labelled_alignments(
     *,
     method: str = "chars-refined",
     progress: bool = False,
+    use_reference_text: bool = False,
     cache: Callable[[str, Callable[[], Alignment]], Alignment] | None = None,
 ) -> list[LabelledAlignment]:
     """Align every utterance with gold words (transcription, English unless it says otherwise)
-    with ``method``'s unit. ``cache(key, compute)`` may memoise the alignments."""
+    with ``method``'s unit: its greedy decode, or its reference text (``use_reference_text``).
+    ``cache(key, compute)`` may memoise the alignments."""
     unit = get_method(method).unit
     out = []
     for utt in tqdm(utterances, desc=f"aligning {loaded.name}", disable=not progress):
@@ -124,7 +126,8 @@ def labelled_alignments(
         language = (utt.language or "en") if loaded.multilingual else None
 
         def compute(utt=utt, language=language) -> Alignment:
-            return align_inputs(loaded, utt.load(), unit=unit, language=language)
+            text = utt.text if use_reference_text else None
+            return align_inputs(loaded, utt.load(), unit=unit, text=text, language=language)
 
         key = f"{loaded.name}/{unit}/{utt.id}"
         al = cache(key, compute) if cache else compute()
@@ -151,8 +154,9 @@ def method_table(
     loaded: LoadedModel,
     utterances: Sequence,
     *,
-    methods: Sequence[str] = ("whisper", "all-heads", "select", "chars", "chars-refined"),
+    methods: Sequence[str] = ("whisper", "all-heads", "all-heads-refined", "chars", "chars-refined"),
     loo: bool = True,
+    use_reference_text: bool = False,
     progress: bool = False,
 ) -> pd.DataFrame:
     """Every timestamp method scored on every utterance with gold words: one row per
@@ -161,7 +165,13 @@ def method_table(
     ``loo`` adds ``"calibrated (LOO)"``: heads and offsets refitted without each utterance."""
     units = {get_method(m).unit for m in methods} | ({"chars"} if loo else set())
     by_unit = {
-        unit: labelled_alignments(loaded, utterances, method=_unit_method(unit), progress=progress)
+        unit: labelled_alignments(
+            loaded,
+            utterances,
+            method=_unit_method(unit),
+            progress=progress,
+            use_reference_text=use_reference_text,
+        )
         for unit in sorted(units)
     }
     subsets = {u.id: u.subset or "unknown" for u in utterances}
