@@ -29,6 +29,7 @@ from .attention import all_heads
 from .models import LoadedModel
 from .timestamps import TimingScore, pool_scores, score_timings
 
+METHOD_NAMES = ("whisper", "all-heads", "all-heads-refined", "chars", "chars-refined")
 OBJECTIVE = (100.0, 50.0)  # rank by share within 100 ms, ties by share within 50 ms
 
 
@@ -154,7 +155,7 @@ def method_table(
     loaded: LoadedModel,
     utterances: Sequence,
     *,
-    methods: Sequence[str] = ("whisper", "all-heads", "all-heads-refined", "chars", "chars-refined"),
+    methods: Sequence[str] = METHOD_NAMES,
     loo: bool = True,
     use_reference_text: bool = False,
     progress: bool = False,
