@@ -23,8 +23,8 @@ MODULES = {p.stem: p for p in sorted(PACKAGE.glob("*.py")) if p.stem != "__init_
 ORDER = [
     "audio", "store", "data", "convert", "models", "decode", "attention", "gradients",
     "perturbation", "estimators", "forwards", "saliency", "compare", "convergence",
-    "faithfulness", "timestamps", "mixing", "context", "tables", "findings", "plots", "widgets",
-    "report", "index", "runner", "cli",
+    "faithfulness", "timestamps", "aligner", "calibration", "timestamp_formats", "mixing",
+    "context", "tables", "findings", "plots", "widgets", "report", "index", "runner", "cli",
 ]  # fmt: skip
 MODEL_CODE = {
     "models", "decode", "attention", "saliency", "gradients", "perturbation", "estimators",

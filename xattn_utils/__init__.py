@@ -7,6 +7,7 @@ and ``xu.timestamps`` (plots and widgets load matplotlib on first use).
 
 import importlib
 
+from .aligner import word_timestamps
 from .attention import CrossAttention, cross_attention
 from .audio import load_audio
 from .compare import corpus_table
@@ -34,10 +35,12 @@ __all__ = [
     "load_corpus",
     "load_model",
     "save_metrics",
+    "word_timestamps",
 ]
 
 _LAZY = ("convergence", "faithfulness", "plots", "report", "timestamps", "whisper_ref", "widgets")
 _LAZY += ("context", "mixing")
+_LAZY += ("aligner", "calibration", "timestamp_formats")
 
 
 def __getattr__(name: str):

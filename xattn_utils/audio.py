@@ -35,13 +35,19 @@ class AudioError(ValueError):
     """Audio that cannot be used: unreadable, empty, silent or too long."""
 
 
-def load_audio(source: str | Path | np.ndarray, *, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
+def load_audio(
+    source: str | Path | np.ndarray,
+    *,
+    sample_rate: int = SAMPLE_RATE,
+    max_seconds: float | None = CHUNK_SECONDS,
+) -> np.ndarray:
     """Load and validate audio as 16 kHz mono float32.
 
     ``source`` is a path to any file libsndfile reads (wav, flac, ogg, ...) or an array at
     ``sample_rate`` Hz, shape = (samples,) or (samples, channels). Multi-channel audio is
     down-mixed by averaging, other rates are resampled. Raises :class:`AudioError` for
-    unreadable, empty, all-silent or over-30-second audio.
+    unreadable, empty, all-silent or over-30-second audio (``max_seconds=None``: any length,
+    for callers that cut windows themselves).
     """
     if isinstance(source, str | Path):
         name = str(source)
@@ -54,7 +60,7 @@ def load_audio(source: str | Path | np.ndarray, *, sample_rate: int = SAMPLE_RAT
     elif audio.ndim != 1:
         raise AudioError(f"{name}: expected (samples,) or (samples, channels), got {audio.shape}")
     audio = resample(audio.astype(np.float32), sample_rate, SAMPLE_RATE)
-    validate(audio, name=name)
+    validate(audio, name=name, max_seconds=max_seconds)
     return audio
 
 
@@ -72,7 +78,9 @@ def _read_file(path: Path) -> tuple[np.ndarray, int]:
     return audio, int(rate)
 
 
-def validate(audio: np.ndarray, *, name: str = "<array>") -> None:
+def validate(
+    audio: np.ndarray, *, name: str = "<array>", max_seconds: float | None = CHUNK_SECONDS
+) -> None:
     """Raise :class:`AudioError` if 16 kHz mono ``audio`` is empty, silent, non-finite or > 30 s."""
     if audio.size == 0:
         raise AudioError(f"{name}: the audio is empty")
@@ -81,7 +89,7 @@ def validate(audio: np.ndarray, *, name: str = "<array>") -> None:
     if float(np.abs(audio).max()) < SILENCE_PEAK:
         raise AudioError(f"{name}: the audio is silent (peak below {SILENCE_PEAK:g})")
     seconds = audio.size / SAMPLE_RATE
-    if seconds > CHUNK_SECONDS:
+    if max_seconds is not None and seconds > max_seconds:
         raise AudioError(
             f"{name}: the audio lasts {seconds:.1f} s; Whisper reads at most {CHUNK_SECONDS} s. "
             "Cut it into shorter utterances first."

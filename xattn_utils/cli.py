@@ -54,6 +54,27 @@ def main(argv: list[str] | None = None) -> int:
     add_distributed_args(p)
     p.set_defaults(func=_report)
 
+    p = sub.add_parser("timestamps", help="word timestamps (json, csv, srt or textgrid)")
+    p.add_argument("files", nargs="+", help="audio files (any length: long ones in windows)")
+    p.add_argument("--model", default="tiny.en", help="bundled name, local folder or hub id")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+    p.add_argument("--language", default=None, help="spoken language (multilingual models)")
+    p.add_argument("--text-file", type=Path, default=None, help="align this transcript")
+    p.add_argument("--method", default=None, help="default: the best unsupervised method")
+    p.add_argument("--format", default="json", choices=["json", "csv", "srt", "textgrid"])
+    p.add_argument("--calibration", type=Path, default=None, help="a calibration JSON")
+    p.add_argument("--out", type=Path, default=None, help="folder for srt/textgrid files")
+    p.set_defaults(func=_timestamps)
+
+    p = sub.add_parser("calibrate", help="learn timestamp heads and offsets from gold words")
+    p.add_argument("--model", default="tiny.en", help="bundled name, local folder or hub id")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+    p.add_argument("--data", required=True, help="'demo', a folder or manifest with .words.json")
+    p.add_argument("--subset", default=None, help="demo subset: synthetic or real")
+    p.add_argument("--method", default="chars-refined", help="the method to calibrate")
+    p.add_argument("--out", type=Path, default=None, help="JSON file (default: stdout)")
+    p.set_defaults(func=_calibrate)
+
     args = parser.parse_args(argv)
     try:
         return args.func(args) or 0
@@ -198,6 +219,54 @@ def _report(args: argparse.Namespace) -> int:
     print(f"report written: {index}\nopen it in a browser: xdg-open {index} (macOS: open; or "
           f"python -m webbrowser file://{index}); every page links back to it")  # fmt: skip
     return 0
+
+
+def _timestamps(args: argparse.Namespace) -> None:
+    from . import timestamp_formats as fmt
+    from .aligner import load_calibration, word_timestamps
+    from .audio import load_audio
+    from .models import load_model
+
+    if args.text_file is not None and len(args.files) != 1:
+        raise ValueError("--text-file aligns one transcript: give exactly one audio file")
+    text = args.text_file.read_text(encoding="utf-8") if args.text_file else None
+    loaded = load_model(args.model, args.device)
+    cal = load_calibration(args.calibration) if args.calibration else None
+    results, durations = {}, {}
+    for path in args.files:
+        audio = load_audio(path, max_seconds=None)
+        durations[path] = len(audio) / 16000
+        results[path] = word_timestamps(
+            loaded, audio, text=text, method=args.method, language=args.language, calibration=cal
+        )
+    if args.format in ("json", "csv"):
+        print((fmt.to_json if args.format == "json" else fmt.to_csv)(results), end="")
+        return
+    suffix = ".srt" if args.format == "srt" else ".TextGrid"
+    for path, words in results.items():
+        body = (
+            fmt.to_srt(words) if args.format == "srt" else fmt.to_textgrid(words, durations[path])
+        )
+        target = (args.out or Path(path).parent) / (Path(path).stem + suffix)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(body, encoding="utf-8")
+        print(target)
+
+
+def _calibrate(args: argparse.Namespace) -> None:
+    from .calibration import calibrate
+    from .data import load_corpus
+    from .models import load_model
+
+    loaded = load_model(args.model, args.device)
+    corpus = load_corpus(args.data, subset=args.subset)
+    cal = calibrate(loaded, corpus, method=args.method, progress=True)
+    if args.out is None:
+        print(cal.to_json(), end="")
+        return
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(cal.to_json(), encoding="utf-8")
+    print(f"wrote {args.out}: {len(cal.heads)} heads, offsets {cal.offsets} s (in sample)")
 
 
 def _lang(loaded, language: str | None) -> str | None:
