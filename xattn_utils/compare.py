@@ -550,6 +550,8 @@ def reference_reliability(model: str, estimator: str, n_masks: int) -> float | N
         return None
     r = np.interp(np.log(n_masks), np.log(counts), [table[str(n)]["r_corrected"] for n in counts])
     return float(np.clip(r, 0.0, 1.0) ** 2)
+
+
 # -- CA views that account for the encoder (value norms, context mixing) -----------------------
 
 
