@@ -209,3 +209,20 @@ def test_notebook_pages_link_back_to_the_index(tmp_path):
     page = render_html(path, tmp_path / "n.html").read_text(encoding="utf-8")
     code = render_html(path, tmp_path / "code" / "n.html", code=True).read_text(encoding="utf-8")
     assert page.count('href="index.html"') == 2 and 'href="../index.html"' in code
+
+
+@pytest.mark.parametrize(
+    ("share", "low", "high", "expected"),
+    [(0.8, 0.6, 0.9, HOLDS), (0.0, -0.04, 0.02, FAILS), (0.5, 0.1, 0.9, UNMEASURABLE)],
+)
+def test_context_mixing_finding_reads_notebook_07s_gap_table(share, low, high, expected):
+    gaps = pd.DataFrame([
+        {"model": "m", "subset": "all", "view": "CA -> input", "mean": share, "low": low,
+         "high": high, "n": 4},
+        {"model": "m", "subset": "real", "view": "CA -> input", "mean": 9.0, "low": 9.0,
+         "high": 9.0, "n": 2},
+    ])  # fmt: skip
+    ev = findings.Evidence(pd.DataFrame(), pd.DataFrame(), extras={"context_mixing": gaps})
+    rows = findings.mixing_explains_gap(ev)
+    assert len(rows) == 1 and rows[0]["estimate"] == share and rows[0]["verdict"] == expected
+    assert findings.mixing_explains_gap(findings.Evidence(pd.DataFrame(), pd.DataFrame())) == []

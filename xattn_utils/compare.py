@@ -587,3 +587,20 @@ def propagate(ca: Array, mixing: Array, *, padding_block: bool = False) -> torch
     if padding_block:
         x = torch.cat([x, (1 - x.sum(-1, keepdim=True)).clamp_min(0)], dim=-1)
     return (x @ m)[..., :s]
+
+
+def map_reliability(explanation, map_name: str) -> tuple[float, str]:
+    """(reliability of all masks, its source) of an explanation's ``"SM_X"`` or ``"SM_H"``: the
+    split-half figure (:func:`reliability`), except for an SM_X map from a regularised
+    estimator (``params["estimator"]`` other than ``"mean"``), whose reliability is its
+    measured agreement with held-out references (:func:`reference_reliability`; NaN where none
+    was measured), since shrinkage makes halves agree. NaN without folds (gradients)."""
+    e = explanation
+    folds = e.input_saliency_folds if map_name == "SM_X" else e.encoder_saliency_folds
+    if folds is None:
+        return math.nan, "none"
+    estimator = e.params.get("estimator", "mean")
+    if map_name == "SM_X" and estimator != "mean":
+        ref = reference_reliability(e.model, estimator, int(e.params["n_masks"]))
+        return (math.nan if ref is None else ref), "held-out reference"
+    return reliability(folds, special=e.special).full, "split-half"

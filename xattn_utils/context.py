@@ -23,9 +23,9 @@ import pandas as pd
 from .compare import (
     bootstrap_ci,
     corpus_table,
+    map_reliability,
     norm_weighted,
     pool_to_enc,
-    reliability,
     utterance_score,
 )
 
@@ -89,8 +89,8 @@ def context_table(
         n = min(m.n_speech, sm_x.shape[-1], sm_h.shape[-1])
         keep = [not s for s in e.special]
         rel = {}
-        for name, folds in (("x", e.input_saliency_folds), ("h", e.encoder_saliency_folds)):
-            rel[name] = np.nan if folds is None else reliability(folds, special=e.special).full
+        for name, map_name in (("x", "SM_X"), ("h", "SM_H")):
+            rel[name] = map_reliability(e, map_name)[0]
         for view, vmap in views.items():
             sx = utterance_score(vmap[:, :n], sm_x[:, :n], keep=keep)
             sh = utterance_score(vmap[:, :n], sm_h[:, :n], keep=keep)

@@ -90,7 +90,8 @@ def convergence(
     checkpoints(n_masks)  # fails early on too few masks
     rows = []
     for mask_design in dict.fromkeys(FORWARDS_OF[d] for d in designs):
-        opts = replace(options, n_masks=n_masks, design=mask_design)
+        # the designs are compared under SPES's own estimator
+        opts = replace(options, n_masks=n_masks, design=mask_design, estimator="mean")
         for name in maps:
             run_fn = input_spes_run if name == "SM_X" else encoder_spes_run
             cells = n_mel if name == "SM_X" else n_enc

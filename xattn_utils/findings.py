@@ -294,9 +294,26 @@ def corrected_gap(per_utterance: pd.DataFrame, *, n_boot: int = 2000, seed: int 
     return Estimate(float(gap(v.mean(0))), float(low), float(high), n, n_nan)
 
 
-# The findings the index shows, in order. Issue 15 (context mixing) adds "how much of the
-# SM_H - SM_X gap the encoder's mixing accounts for" here, reading its table from
-# Evidence.extras.
+def mixing_explains_gap(ev: Evidence) -> list[dict]:
+    """The study's explanation of the SM_H - SM_X gap, context mixing in the encoder: the share
+    of the gap that CA propagated through the encoder's value-zeroing rollout closes
+    (notebook 07's table, ``extras["context_mixing"]``: rows per model, subset and view with
+    the share as ``mean, low, high`` and ``n``). Claim: it closes more than half."""
+    table = ev.extras.get("context_mixing")
+    if table is None or len(table) == 0:
+        return []
+    rows = []
+    picked = table[(table["subset"] == "all") & (table["view"] == "CA -> input")]
+    for r in picked.itertuples(index=False):
+        est = Estimate(float(r.mean), float(r.low), float(r.high), int(r.n), 0)
+        rows.append(finding_row(
+            "the encoder's context mixing accounts for the SM_H - SM_X gap",
+            (r.model, "transcribe"), "share of the gap closed by CA -> input", est, above=0.5,
+        ))  # fmt: skip
+    return rows
+
+
+# The findings the index shows, in order.
 FINDINGS: tuple[Callable[[Evidence], list[dict]], ...] = (
     single_heads_weak,
     aggregation_helps,
@@ -304,6 +321,7 @@ FINDINGS: tuple[Callable[[Evidence], list[dict]], ...] = (
     ca_vs_sm_x_moderate,
     sm_h_closer,
     covers_half,
+    mixing_explains_gap,
 )
 COLUMNS = ["finding", "model", "task", "measure", "claim", "estimate", "low", "high", "n",
            "verdict"]  # fmt: skip

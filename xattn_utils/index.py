@@ -192,7 +192,11 @@ def write_index(
         prov |= provenance(explanations, utterances)
         parts.append("<table>" + "".join(f"<tr><th>{esc(k)}</th><td>{esc(str(v))}</td></tr>"
                                          for k, v in prov.items()) + "</table>")  # fmt: skip
-        evidence = Evidence.from_explanations(explanations, utterances, n_boot=n_boot, seed=seed)
+        mixing_csv = metrics / "07_context_mixing_headline.csv"  # notebook 07's gap table
+        extras = {"context_mixing": pd.read_csv(mixing_csv)} if mixing_csv.exists() else {}
+        evidence = Evidence.from_explanations(
+            explanations, utterances, n_boot=n_boot, seed=seed, extras=extras
+        )
         views = headline_views(evidence)
         findings = findings_table(evidence)
         metrics.mkdir(parents=True, exist_ok=True)

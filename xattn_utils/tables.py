@@ -23,6 +23,7 @@ from .compare import (
     corrected_summary,
     cumulative_layers,
     disattenuated_ci,
+    map_reliability,
     pool_to_enc,
     reliability,
     utterance_score,
@@ -164,15 +165,22 @@ def aggregation_gain(
 def reliability_table(explanations: Sequence, utterances: Sequence = ()) -> pd.DataFrame:
     """Split-half reliability (:func:`~xattn_utils.compare.reliability`) of SM_X (pooled) and
     SM_H per utterance: ``half`` (r between the maps of two halves of the masks) and ``full``
-    (Spearman-Brown, all masks). Empty for methods without folds (gradients)."""
+    (Spearman-Brown, all masks). Empty for methods without folds (gradients).
+
+    An SM_X map from a regularised estimator (``params["estimator"]`` other than ``"mean"``)
+    gets, as ``full``, its agreement with held-out high-mask references instead
+    (:func:`~xattn_utils.compare.reference_reliability`; NaN where none was measured for its
+    model and mask count): shrinkage makes halves agree, so split-half would overstate it.
+    ``source`` says which."""
     rows = []
     for e in explanations:
         folds = {"SM_X": e.input_saliency_folds, "SM_H": e.encoder_saliency_folds}
         for map_name, f in folds.items():
             if f is not None:
-                rel = reliability(f, special=e.special)
-                rows.append({"utterance": e.utterance, "map_name": map_name, "half": rel.half}
-                            | {"full": rel.full, **_labels(e, utterances)})  # fmt: skip
+                half = reliability(f, special=e.special).half
+                full, source = map_reliability(e, map_name)
+                row = {"utterance": e.utterance, "map_name": map_name, "half": half}
+                rows.append(row | {"full": full, "source": source, **_labels(e, utterances)})
     return pd.DataFrame(rows)
 
 
