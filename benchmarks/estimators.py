@@ -10,11 +10,12 @@ and at full resolution. The reference's own noise is
 measured by the agreement of the two halves' maps (the reliability of a half-pool map) and
 divided out: ``r_corrected = r / sqrt(reliability of half B)``, labelled as such.
 
-The i.i.d. SPES estimator (``mean``) follows ``r_corrected^2 = N / (N + D)`` (one ``D`` per
-utterance and resolution, fitted on its measured points). An estimator's **equivalent masks**
-invert that curve at its own ``r_corrected``, and its **gain** is equivalent masks / masks used;
-CIs are percentile bootstraps over (utterance, subset) units. Beyond the largest measured
-count the curve is extrapolated (``extrapolated`` says so).
+An estimator's **equivalent masks** invert the i.i.d. SPES estimator's (``mean``) measured
+curve of ``r_corrected`` against mask count, per utterance and resolution, at the estimator's
+own ``r_corrected``; its **gain** is equivalent masks / masks used (the ``mean`` rows measure
+the inversion's own error: about 1). CIs are percentile bootstraps over (utterance, subset)
+units. Outside the measured counts the curve is extended by ``r^2 = N / (N + D)`` anchored at
+its nearest end (``extrapolated`` says so).
 
 Diagnostics (per utterance, half A subsets of 256 masks, scored on all of half B's masks): the
 out-of-sample R^2 of additive fits of the scores on the mask indicators (all units, ridge; the
@@ -72,12 +73,21 @@ def views(cell_map: torch.Tensor, shape: tuple[int, ...]) -> dict[str, torch.Ten
     return {"pooled": pool_to_enc(m), "full": m}
 
 
-def fit_d(points: pd.DataFrame) -> float:
-    """D of ``r^2 = N / (N + D)`` from measured (N, r_corrected) points (median of N (1 - r^2) /
-    r^2 over points with 0 < r < 1)."""
-    r2 = points["r_corrected"].clip(upper=0.999) ** 2
-    ok = r2 > 0
-    return float(np.median(points["n"][ok] * (1 - r2[ok]) / r2[ok]))
+def equivalent_masks(curve: pd.Series, r: float) -> tuple[float, bool]:
+    """(i.i.d. masks whose mean SPES map reaches ``r_corrected = r``, extrapolated?): the
+    measured i.i.d. curve (``curve``: mask count -> mean r_corrected) inverted by linear
+    interpolation of r^2 in log count; outside it, ``r^2 = N / (N + D)`` anchored at the
+    nearest end of the curve."""
+    counts = curve.index.to_numpy(float)
+    r2 = np.maximum.accumulate(np.clip(curve.to_numpy(float), 1e-6, 0.999) ** 2)
+    target = min(max(r, 0.0), 0.999) ** 2
+    if target <= 0:
+        return 0.0, False
+    if r2[0] <= target <= r2[-1] and len(counts) > 1:
+        return float(np.exp(np.interp(target, r2, np.log(counts)))), False
+    i = 0 if target < r2[0] else -1
+    d = counts[i] * (1 - r2[i]) / r2[i]
+    return float(d * target / (1 - target)), True
 
 
 def bootstrap(values: np.ndarray, *, n_boot: int = 2000, seed: int = 0) -> tuple[float, float]:
@@ -221,13 +231,15 @@ def main() -> None:
         rel = g.groupby("utterance")["ref_reliability"].first()
         print(f"\n== {res} resolution; reference half-pool reliability: "
               + ", ".join(f"{u} {v:.3f}" for u, v in rel.items()))  # fmt: skip
-        d = {u: fit_d(h[h.estimator == "mean"]) for u, h in g.groupby("utterance")}
-        n_max = g[g.estimator == "mean"].groupby("utterance")["n"].max()
-        g = g.assign(D=g.utterance.map(d))
-        r2 = g["r_corrected"].clip(upper=0.999) ** 2
-        g = g.assign(equivalent=g["D"] * r2 / (1 - r2), gain=g["D"] * r2 / (1 - r2) / g["n"])
-        g = g.assign(extrapolated=g["equivalent"] > g.utterance.map(n_max))
-        print("D (i.i.d. curve r^2 = N/(N+D)): " + ", ".join(f"{u} {v:.0f}" for u, v in d.items()))
+        curves = {u: h[h.estimator == "mean"].groupby("n")["r_corrected"].mean()
+                  for u, h in g.groupby("utterance")}  # fmt: skip
+        eq = [equivalent_masks(curves[u], r) for u, r in zip(g.utterance, g.r_corrected,
+                                                              strict=True)]  # fmt: skip
+        g = g.assign(equivalent=[e for e, _ in eq], extrapolated=[x for _, x in eq])
+        g = g.assign(gain=g["equivalent"] / g["n"])
+        print("i.i.d. curves (masks: r_corrected): " + "; ".join(
+            f"{u} " + ", ".join(f"{n}: {v:.3f}" for n, v in c.items()) for u, c in curves.items()
+        ))  # fmt: skip
         for (name, count), h in g.groupby(["estimator", "n"], sort=False):
             lo, hi = bootstrap(h["gain"].to_numpy())
             rlo, rhi = bootstrap(h["r_corrected"].to_numpy())

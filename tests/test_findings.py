@@ -182,7 +182,7 @@ def test_index_shows_the_figure_and_findings_whose_verdicts_follow_from_their_ci
 def test_index_says_what_produced_it_and_how_long_it_took(page):
     _, text = page
     for needed in ["random-tiny", "data</th><td>demo-like", "SM_X masks per map</th><td>6",
-                   "SM_H masks per map</th><td>24", "SM_X estimator</th><td>mean",
+                   "SM_H masks per map</th><td>24", "SM_X estimator</th><td>grid",
                    "mask design</th><td>iid", "Written 20", "2 synthetic", "01_head_level",
                    "of which HTML s", "in 1.5 min"]:  # fmt: skip
         assert needed in text, needed

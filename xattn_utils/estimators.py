@@ -87,6 +87,8 @@ class UnitDesign:
                 continue
             part = values[labels.reshape(-1)].T * (w / total)
             out = part if out is None else out + part
+        if out is None:  # no masks at all: 0 everywhere, as SPES leaves unoccluded cells
+            return torch.zeros(values.shape[1], labels.numel(), dtype=torch.float64)
         return out
 
 

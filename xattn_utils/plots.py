@@ -516,6 +516,7 @@ def plot_headline(
     ax.legend(handles=handles, fontsize="small", loc="upper left", bbox_to_anchor=(1, 1))
     ax.set(xlabel="Pearson r per token, mean over utterances (unitless), 95% bootstrap CI",
            title="CA vs saliency: each CA view, observed and reliability-corrected")  # fmt: skip
+    return ax
 
 
 def plot_mixing(
