@@ -140,7 +140,7 @@ def estimate(
     scores = torch.as_tensor(scores).double()
     grans = [masks[sampler.granularity[masks] == g] for g in range(len(sampler.label_maps))]
     if estimator == "mean":
-        return _mean_map(design, scores, [(r, scores[r]) for r in grans])
+        return _ratio(*_sums(design, [(r, scores[r]) for r in grans]))
     surrogate = estimator.removesuffix("-adjusted")
     if not adjusted:  # the surrogate's own exact map: E[s] + (1 - p) beta_u per granularity
         fits = _fit(design, scores, grans, surrogate)
@@ -174,15 +174,15 @@ def fold_maps(
 # -- the pieces ---------------------------------------------------------------------------------
 
 
-def _mean_map(
+def _sums(
     design: UnitDesign,
-    scores: torch.Tensor,
     parts: list[tuple[np.ndarray, torch.Tensor]],
     offsets: list[torch.Tensor] | None = None,
-) -> torch.Tensor:
-    """Mean over the masks that occluded each cell (0 where none did) of per-mask values:
-    ``parts`` holds, per granularity, (mask indices, values (masks, tokens)); ``offsets``
-    optionally adds a per-unit value (units, tokens) to every occluding mask's value."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """SPES's sums over the masks that occluded each cell: (sum of per-mask values (tokens,
+    cells), count (cells,)). ``parts`` holds, per granularity, (mask indices, values (masks,
+    tokens)); ``offsets`` optionally adds a per-unit value (units, tokens) to every occluding
+    mask's value."""
     num = occ = None
     for g, (rows, values) in enumerate(parts):
         z = design.indicators(g, rows)  # (masks, units)
@@ -193,6 +193,11 @@ def _mean_map(
         n_g, o_g = per_unit[:, labels], z.sum(0)[labels]
         num = n_g if num is None else num + n_g
         occ = o_g if occ is None else occ + o_g
+    return num, occ
+
+
+def _ratio(num: torch.Tensor, occ: torch.Tensor) -> torch.Tensor:
+    """The mean over occluding masks (0 where no mask occluded a cell)."""
     return torch.where(occ > 0, num / occ.clamp(min=1), torch.zeros_like(num))
 
 
@@ -311,19 +316,8 @@ def _adjusted_map(
             z = design.indicators(g, own[g])
             parts[g].append((own[g], scores[own[g]] - b0 - z @ beta))
             offsets[g].append(b0 + design.p * beta.sum(0) + (1 - design.p) * beta)
-    num = None
+    num = occ = None
     for k in range(N_CROSS):
-        m = _mean_map(design, scores, [p[k] for p in parts], [o[k] for o in offsets])
-        occ = _occluded(design, [p[k][0] for p in parts])
-        num = m * occ if num is None else num + m * occ
-    total = _occluded(design, grans)
-    return torch.where(total > 0, num / total.clamp(min=1), torch.zeros_like(num))
-
-
-def _occluded(design: UnitDesign, grans: list[np.ndarray]) -> torch.Tensor:
-    """How many of the masks ``grans`` (indices per granularity) occluded each cell."""
-    out = None
-    for g, rows in enumerate(grans):
-        o = design.indicators(g, rows).sum(0)[design.sampler.label_maps[g].reshape(-1)]
-        out = o if out is None else out + o
-    return out
+        n_k, o_k = _sums(design, [p[k] for p in parts], [o[k] for o in offsets])
+        num, occ = (n_k, o_k) if num is None else (num + n_k, occ + o_k)
+    return _ratio(num, occ)
