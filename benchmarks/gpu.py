@@ -17,13 +17,11 @@ from dataclasses import replace
 import torch
 
 import xattn_utils as xu
-from xattn_utils.attention import forward_attention
-from xattn_utils.audio import n_mel_frames
 from xattn_utils.compare import pool_to_enc, utterance_score
 from xattn_utils.data import load_corpus
-from xattn_utils.decode import decode, features
 from xattn_utils.perturbation import PerturbationOptions
-from xattn_utils.saliency import input_spes_run
+from xattn_utils.prepare import prepare
+from xattn_utils.spes import input_spes_run
 
 
 def main() -> None:
@@ -38,11 +36,8 @@ def main() -> None:
     loaded = xu.load_model(args.model, args.device)
     utt = next(u for u in load_corpus("demo") if u.id == args.utterance)
     audio = utt.load()
-    tr = decode(loaded, audio)
-    mel = features(loaded, audio)
-    with torch.no_grad():
-        _, logits = forward_attention(loaded, mel, tr)
-    n_mel = n_mel_frames(audio)
+    prepared = prepare(loaded, audio)
+    tr = prepared.transcript
     cuda = args.device.startswith("cuda")
     name = torch.cuda.get_device_name() if cuda else args.device
     print(f"{utt.id}: {len(audio) / 16000:.1f} s, {len(tr)} tokens, {args.model} on {name}")
@@ -53,7 +48,7 @@ def main() -> None:
         if cuda:
             torch.cuda.synchronize()
         start = time.perf_counter()
-        run = input_spes_run(loaded, mel, tr, logits, n_mel, options=options, progress=False)
+        run = input_spes_run(loaded, prepared, options=options, progress=False)
         if cuda:
             torch.cuda.synchronize()
         seconds = time.perf_counter() - start

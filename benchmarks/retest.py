@@ -25,13 +25,12 @@ import numpy as np
 import torch
 
 import xattn_utils as xu
-from xattn_utils.attention import forward_attention
-from xattn_utils.audio import ENC_FRAME_SECONDS, n_mel_frames
+from xattn_utils.audio import ENC_FRAME_SECONDS
 from xattn_utils.compare import pool_to_enc
 from xattn_utils.data import load_corpus
-from xattn_utils.decode import decode, features
 from xattn_utils.perturbation import ESTIMATORS, PerturbationOptions
-from xattn_utils.saliency import input_spes_run
+from xattn_utils.prepare import prepare
+from xattn_utils.spes import input_spes_run
 from xattn_utils.timestamps import match_words, normalize_word, normalized_words, split_words
 
 UNSEEN = ("real_LJ001-0006", "real_praatio_bobby")
@@ -60,16 +59,13 @@ def main() -> None:
     for uid in args.utterances.split(","):
         utt = corpus[uid]
         audio = utt.load()
-        tr = decode(loaded, audio)
-        mel = features(loaded, audio)
-        with torch.no_grad():
-            _, logits = forward_attention(loaded, mel, tr)
-        n_mel = n_mel_frames(audio)
+        prepared = prepare(loaded, audio)
+        tr = prepared.transcript
         keep = [not s for s in tr.special]
         options = PerturbationOptions(n_masks=args.n_masks, design="iid", estimator="mean")
         start = time.perf_counter()
-        runs = [input_spes_run(loaded, mel, tr, logits, n_mel, options=options, seed=seed,
-                               progress=False) for seed in range(args.seeds)]  # fmt: skip
+        runs = [input_spes_run(loaded, prepared, options=options, seed=seed, progress=False)
+                for seed in range(args.seeds)]  # fmt: skip
         print(f"{uid}: {len(tr)} tokens, {args.seeds} x {args.n_masks} masks in "
               f"{time.perf_counter() - start:.0f} s")  # fmt: skip
         # first token of each word that matches a gold word
@@ -79,7 +75,7 @@ def main() -> None:
         gold = normalized_words(utt.words or ())
         # the first gold word is left out: LJSpeech's alignments fold the leading silence in
         pairs = [(i, j) for i, j in match_words(ours, gold) if j > 0]
-        n_enc = (n_mel + 1) // 2
+        n_enc = prepared.n_enc
         for _, j in pairs:
             lo, hi = gold[j][1] - args.tolerance, gold[j][2] + args.tolerance
             frames = np.arange(n_enc) * ENC_FRAME_SECONDS + ENC_FRAME_SECONDS / 2

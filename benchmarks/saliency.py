@@ -23,15 +23,13 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import xattn_utils as xu
-from xattn_utils.attention import forward_attention
-from xattn_utils.audio import n_enc_frames, n_mel_frames
 from xattn_utils.data import load_corpus
-from xattn_utils.decode import decode, features
 from xattn_utils.forwards import mel_score_fn
 from xattn_utils.gradients import captum_maps, gradient_maps, token_logprobs
 from xattn_utils.models import attention_implementation
 from xattn_utils.perturbation import PerturbationOptions, segment_counts, slic_segments
-from xattn_utils.saliency import encoder_saliency_spes, input_saliency_spes
+from xattn_utils.prepare import prepare
+from xattn_utils.spes import encoder_spes_run, input_spes_run
 
 
 def timed(fn, *args, **kwargs):
@@ -61,19 +59,15 @@ def main() -> None:
     utt = next((u for u in corpus if u.id == args.utterance), corpus[0])
     loaded = xu.load_model(args.model, "cpu")
     audio = utt.load()
-    tr = decode(loaded, audio)
-    mel = features(loaded, audio)
-    with torch.no_grad():
-        _, logits = forward_attention(loaded, mel, tr)
-    n_mel, n_enc, n_tok = n_mel_frames(audio), n_enc_frames(audio), len(tr)
+    prepared = prepare(loaded, audio)
+    tr, mel, logits = prepared.transcript, prepared.mel, prepared.logits
+    n_mel, n_enc, n_tok = prepared.n_mel, prepared.n_enc, len(tr)
     options = PerturbationOptions(n_masks=args.n_masks)
     print(f"utterance: {utt.id} ({audio.size / 16000:.2f} s, {n_tok} tokens)")
     print(f"threads: {torch.get_num_threads()}")
 
     # 1. ours vs Captum FeatureAblation over the same superpixels
-    _, t_smx = timed(
-        input_saliency_spes, loaded, mel, tr, logits, n_mel, options=options, progress=False
-    )
+    _, t_smx = timed(input_spes_run, loaded, prepared, options=options, progress=False)
     spec = mel[0, :, :n_mel].T.numpy()
     labels = slic_segments(spec, segment_counts(n_mel, options.granularities)[0])
     n_segments = int(labels.max()) + 1
@@ -100,9 +94,7 @@ def main() -> None:
     print(f"flops_efficiency: {achieved / peak:.2f}")
 
     # 3. SM_H vs SM_X at equal mask counts
-    _, t_smh = timed(
-        encoder_saliency_spes, loaded, mel, tr, logits, n_enc, options=options, progress=False
-    )
+    _, t_smh = timed(encoder_spes_run, loaded, prepared, options=options, progress=False)
     print(f"sm_h_seconds: {t_smh:.1f}")
     print(f"sm_h_vs_sm_x_speedup: {t_smx / t_smh:.1f}")
 

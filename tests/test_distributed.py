@@ -15,8 +15,9 @@ import pytest
 import torch
 
 from xattn_utils import distributed as xd
+from xattn_utils.corpus import explain_corpus
 from xattn_utils.data import load_corpus
-from xattn_utils.saliency import Explanation, explain_corpus
+from xattn_utils.explanation import Explanation
 from xattn_utils.store import ResultStore
 
 EXPLAIN = {"method": "spes", "n_masks": 8, "seed": 7}

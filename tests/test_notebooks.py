@@ -18,6 +18,7 @@ import pytest
 import yaml
 
 from xattn_utils import report
+from xattn_utils.store import ResultStore
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted(p.stem for p in (ROOT / "notebooks").glob("*.ipynb"))
@@ -65,6 +66,20 @@ def test_notebook_runs_on_the_random_model(stem, workdir):
         _finite_numbers(workdir / "metrics" / f"{name}_headline.csv")
 
 
+def test_a_notebook_finds_what_the_report_precomputed(tmp_path):
+    """The report's explain step and a notebook build the same Study from the same parameters:
+    the notebook adds nothing to the store."""
+    params = yaml.safe_load((ROOT / "notebooks" / "params" / "01_head_level.ci.yaml").read_text())
+    params |= {"out": str(tmp_path / "metrics"), "store": str(tmp_path / "store")}
+    study = report.Study(**{k: params[k] for k in ("data", "n_utterances", "method", "n_masks",
+                            "seed", "language", "use_reference_text", "store")})  # fmt: skip
+    [summary] = report.precompute([params["model"]], study, device=params["device"])
+    keys = ResultStore(params["store"]).keys()
+    assert len(summary.done) == params["n_utterances"] == len(keys)
+    executed = report.run_notebook("01_head_level", params, tmp_path / "01.ipynb")
+    assert not _errors(executed) and ResultStore(params["store"]).keys() == keys
+
+
 def test_a_failing_cell_names_the_notebook(workdir):
     params = {"model": "no-such-model", "store": str(workdir / "store"), "out": str(workdir)}
     with pytest.raises(report.NotebookError, match="notebook 00_quickstart failed in cell"):
@@ -73,7 +88,8 @@ def test_a_failing_cell_names_the_notebook(workdir):
 
 @pytest.mark.slow
 def test_xattn_report_on_tiny_en(tmp_path):
-    """The report command end to end on real tiny.en: 2 utterances, 16 masks (about 1.5 min)."""
+    """The report command end to end on real tiny.en: 2 utterances, 16 masks (about 1.5 min);
+    run again over the same store, it recomputes nothing and says so."""
     out = tmp_path / "reports"
     cmd = [sys.executable, "-m", "xattn_utils.cli", "report", "--models", "tiny.en"]
     cmd += ["--data", "demo", "--out", str(out), "--n-utterances", "2", "--n-masks", "16"]
@@ -98,3 +114,8 @@ def test_xattn_report_on_tiny_en(tmp_path):
             rows = df[df["aggregate"].isin(["best head", "best layer", "all heads"])]
             assert len(rows) == 6 and set(rows["model"]) == {"tiny.en"}
             assert (rows["low"] <= rows["mean"]).all() and (rows["mean"] <= rows["high"]).all()
+    assert "0 utterances explained" not in done.stdout
+    again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1800)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "0 utterances explained, 2 already in the store" in again.stdout
+    assert "nothing recomputed" in again.stdout

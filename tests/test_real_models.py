@@ -6,12 +6,13 @@ import torch
 
 import xattn_utils as xu
 from xattn_utils.attention import forward_attention
-from xattn_utils.audio import n_enc_frames, n_mel_frames
+from xattn_utils.audio import n_enc_frames
 from xattn_utils.compare import pool_to_enc
 from xattn_utils.data import load_corpus
 from xattn_utils.decode import decode, features
 from xattn_utils.perturbation import PerturbationOptions
-from xattn_utils.saliency import encoder_saliency_spes, input_saliency_spes
+from xattn_utils.prepare import prepare
+from xattn_utils.spes import encoder_spes_run, input_spes_run
 
 pytestmark = pytest.mark.slow
 
@@ -59,19 +60,12 @@ def test_real_cross_attention(tiny_en, case):
 def test_saliency_points_at_the_spoken_word(tiny_en, case):
     """SM_H with 256 masks and pooled SM_X with 128 masks peak inside the gold word span
     (measured here: SM_H 14/14 words, SM_X 8/14; chance is about 1/12)."""
-    audio, tr, mel, _, logits, starts, words = case
+    audio, tr, _, _, _, starts, words = case
+    prepared = prepare(tiny_en, audio, text=tr.text)
+    assert prepared.transcript.input_ids == tr.input_ids
     opts = PerturbationOptions(n_masks=256)
-    sm_h, _ = encoder_saliency_spes(
-        tiny_en, mel, tr, logits, n_enc_frames(audio), options=opts, progress=False
-    )
+    sm_h, _ = encoder_spes_run(tiny_en, prepared, options=opts, progress=False).maps()
     assert pointing_game(sm_h, starts, words) >= 0.8
-    sm_x, _ = input_saliency_spes(
-        tiny_en,
-        mel,
-        tr,
-        logits,
-        n_mel_frames(audio),
-        options=PerturbationOptions(n_masks=128),
-        progress=False,
-    )
+    opts = PerturbationOptions(n_masks=128)
+    sm_x, _ = input_spes_run(tiny_en, prepared, options=opts, progress=False).maps()
     assert pointing_game(pool_to_enc(sm_x), starts, words) >= 0.35

@@ -11,11 +11,13 @@ from .aligner import word_timestamps
 from .attention import CrossAttention, cross_attention
 from .audio import load_audio
 from .compare import corpus_table
+from .corpus import explain_corpus
 from .data import load_corpus
 from .decode import Transcript, decode
+from .explanation import Explanation
 from .models import LoadedModel, available_models, load_model
 from .report import save_metrics
-from .saliency import Explanation, explain, explain_corpus, list_methods
+from .saliency import explain, list_methods
 from .store import ResultStore
 
 __all__ = [

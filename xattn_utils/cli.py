@@ -154,9 +154,9 @@ def _explain(args: argparse.Namespace) -> int | None:
 
     if uses_distributed(args):
         return run_distributed(args)
+    from .corpus import explain_corpus
     from .data import load_corpus
     from .models import load_model
-    from .saliency import explain_corpus
     from .store import ResultStore
 
     loaded = load_model(args.model, args.device)

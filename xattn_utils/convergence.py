@@ -1,7 +1,7 @@
 """How many masks does a perturbation map need? Reliability and CA correlation vs mask count.
 
 One run of ``n_masks`` masks per mask design gives every smaller count for free: each mask's
-scores are kept (:class:`~xattn_utils.saliency.MaskRun`), so the map of the first ``n`` masks is
+scores are kept (:class:`~xattn_utils.spes.MaskRun`), so the map of the first ``n`` masks is
 replayed without forwards, and the control-variate designs reuse the forwards of the plain
 designs with the same masks (``"control"`` those of ``"iid"``, ``"antithetic-control"`` those of
 ``"antithetic"``).
@@ -21,14 +21,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pandas as pd
-import torch
 
-from .attention import forward_attention, head_mean
-from .audio import load_audio, n_enc_frames, n_mel_frames
+from .attention import head_mean
 from .compare import (
     corrected_summary,
     disattenuate,
@@ -36,10 +34,12 @@ from .compare import (
     reliability,
     utterance_score,
 )
-from .decode import decode, features
+from .corpus import request
 from .models import LoadedModel
 from .perturbation import DESIGNS, PerturbationError, PerturbationOptions
-from .saliency import corpus_entry, encoder_spes_run, input_spes_run
+from .prepare import prepare
+from .spes import encoder_spes_run, input_spes_run
+from .store import ResultStore, cached
 
 # the design whose forwards each design reuses
 FORWARDS_OF = {"iid": "iid", "antithetic": "antithetic", "control": "iid",
@@ -79,13 +79,9 @@ def convergence(
         raise PerturbationError(f"unknown mask designs {bad}: use some of {DESIGNS}")
     if not maps or any(m not in MAPS for m in maps):
         raise PerturbationError(f"maps must be some of {MAPS}, got {list(maps)}")
-    audio = load_audio(audio)
-    tr = decode(loaded, audio, text=text, task=task, language=language)
-    mel = features(loaded, audio)
-    with torch.no_grad():
-        ca, logits = forward_attention(loaded, mel, tr)
-    n_mel, n_enc = n_mel_frames(audio), n_enc_frames(audio)
-    ca_all = head_mean(ca[..., :n_enc])
+    prepared = prepare(loaded, audio, text=text, task=task, language=language)
+    ca_all = head_mean(prepared.cross_attention)
+    tr = prepared.transcript
     keep = [not s for s in tr.special]
     checkpoints(n_masks)  # fails early on too few masks
     rows = []
@@ -94,9 +90,7 @@ def convergence(
         opts = replace(options, n_masks=n_masks, design=mask_design, estimator="mean")
         for name in maps:
             run_fn = input_spes_run if name == "SM_X" else encoder_spes_run
-            cells = n_mel if name == "SM_X" else n_enc
-            run = run_fn(loaded, mel, tr, logits, cells, options=opts, seed=seed,
-                         progress=progress)  # fmt: skip
+            run = run_fn(loaded, prepared, options=opts, seed=seed, progress=progress)
             for design in (d for d in designs if FORWARDS_OF[d] == mask_design):
                 for n in checkpoints(run.sampler.n_masks):
                     sm, folds = run.maps(n, design)
@@ -113,34 +107,55 @@ def convergence(
     return frame
 
 
+@dataclass(frozen=True)
+class _Rows:
+    """A convergence frame as the store keeps it (in the record, no tensors)."""
+
+    frame: pd.DataFrame
+
+    def to_tensors(self) -> tuple[dict, dict]:
+        return {}, {"kind": "convergence", "rows": self.frame.to_dict("records")}
+
+    @classmethod
+    def from_tensors(cls, tensors: dict, record: dict) -> _Rows:
+        return cls(pd.DataFrame(record["rows"]))
+
+
 def convergence_corpus(
     loaded: LoadedModel,
     utterances: Sequence,
     *,
-    store=None,
+    store: ResultStore | None = None,
     task: str = "transcribe",
     language: str | None = None,
     use_reference_text: bool = False,
+    n_masks: int = 256,
+    designs: Sequence[str] = DESIGNS,
+    maps: Sequence[str] = MAPS,
+    options: PerturbationOptions = PerturbationOptions(),  # noqa: B008 (frozen)
+    seed: int = 0,
     progress: bool = True,
-    **kwargs,
 ) -> pd.DataFrame:
-    """:func:`convergence` of each utterance (``kwargs`` pass through; language and text as
-    :func:`~xattn_utils.saliency.explain_corpus` picks them), one store entry per utterance so
-    that an interrupted run keeps what it finished. Adds ``subset``."""
+    """:func:`convergence` of each utterance (language and text as
+    :func:`~xattn_utils.corpus.request` picks them), one store entry per utterance so that an
+    interrupted run keeps what it finished. Adds ``subset``."""
+    settings = {"n_masks": n_masks, "designs": list(designs), "maps": list(maps), "seed": seed}
     frames = []
     for utt in utterances:
-        key, lang, text = corpus_entry(
-            loaded, utt, task=task, language=language, use_reference_text=use_reference_text,
-            method="convergence", **kwargs,
-        )  # fmt: skip
-        if store is not None and store.has(key):
-            frame = pd.DataFrame(store.get(key)[1]["rows"])
-        else:
-            frame = convergence(loaded, utt.load(), text=text, task=task, language=lang,
-                                utterance=utt.id, progress=progress, **kwargs)  # fmt: skip
-            if store is not None:
-                store.put(key, {}, {"kind": "convergence", "rows": frame.to_dict("records")})
-        frames.append(frame.assign(subset=utt.subset))
+        lang, text = request(loaded, utt, task=task, language=language,
+                             use_reference_text=use_reference_text)  # fmt: skip
+        params = settings | options.params() | {"task": task, "language": lang, "text": text}
+        key = ResultStore.key(model=loaded.name, utterance=utt.id, method="convergence",
+                              params=params)  # fmt: skip
+
+        def compute(utt=utt, lang=lang, text=text) -> _Rows:
+            return _Rows(convergence(
+                loaded, utt.load(), n_masks=n_masks, designs=designs, maps=maps, text=text,
+                task=task, language=lang, options=options, seed=seed, utterance=utt.id,
+                progress=progress,
+            ))  # fmt: skip
+
+        frames.append(cached(store, key, compute, _Rows).frame.assign(subset=utt.subset))
     return pd.concat(frames, ignore_index=True)
 
 

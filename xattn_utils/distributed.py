@@ -13,7 +13,7 @@ The two combine, and all writers go through :class:`~xattn_utils.store.ResultSto
 written once, atomically), so shards, workers and reruns share one store without clashing and
 the notebooks read whatever it holds. On a real cluster every worker needs xattn installed and
 the audio and the store at the same paths (a shared filesystem). Results equal
-:func:`~xattn_utils.saliency.explain_corpus` in one process: same keys, same maps bit for bit
+:func:`~xattn_utils.corpus.explain_corpus` in one process: same keys, same maps bit for bit
 (tested on CPU, 1-thread workers against a 2-thread process; on CUDA the mask batch size follows
 free memory, so fix ``options=PerturbationOptions(batch_size=...)`` for bit-identical runs).
 
@@ -43,8 +43,9 @@ from pathlib import Path
 
 import torch
 
+from .corpus import corpus_key, explain_corpus
 from .models import LoadedModel, load_model, resolve_device
-from .saliency import corpus_entry, explain_corpus
+from .saliency import Options, method_options
 from .store import ResultStore
 
 # -- shards ----------------------------------------------------------------------------------
@@ -88,10 +89,9 @@ def parse_shard(text: str) -> tuple[int, int]:
 class ExplainJob:
     """Everything a task needs besides its utterance (small: it travels with every task).
 
-    ``explain`` holds the keyword arguments of :func:`~xattn_utils.saliency.explain`
-    (``method``, ``n_masks``, ``seed``, ``options`` ...). ``threads`` is the number of torch
-    threads per worker, or ``None``: the cores of the worker's machine shared among the
-    ``workers_per_host`` workers there.
+    ``method``, ``options`` and ``seed`` are those of :func:`~xattn_utils.saliency.explain`.
+    ``threads`` is the number of torch threads per worker, or ``None``: the cores of the
+    worker's machine shared among the ``workers_per_host`` workers there.
     """
 
     model: str
@@ -100,30 +100,17 @@ class ExplainJob:
     task: str = "transcribe"
     language: str | None = None
     use_reference_text: bool = False
-    explain: dict = field(default_factory=dict)
+    method: str = "spes"
+    options: Options | None = None
+    seed: int = 0
     threads: int | None = None
     workers_per_host: dict[str, int] = field(default_factory=dict)
 
-
-def entry_key(
-    loaded: LoadedModel,
-    utterance,
-    *,
-    task: str = "transcribe",
-    language: str | None = None,
-    use_reference_text: bool = False,
-    **kwargs,
-) -> str:
-    """The store key under which :func:`~xattn_utils.saliency.explain_corpus` files
-    ``utterance`` for these arguments (``kwargs`` as for ``explain``)."""
-    return corpus_entry(
-        loaded,
-        utterance,
-        task=task,
-        language=language,
-        use_reference_text=use_reference_text,
-        **kwargs,
-    )[0]
+    def settings(self) -> dict:
+        """The keyword arguments of :func:`~xattn_utils.corpus.explain_corpus` for this job."""
+        return {"task": self.task, "language": self.language, "method": self.method,
+                "use_reference_text": self.use_reference_text, "options": self.options,
+                "seed": self.seed}  # fmt: skip
 
 
 def explain_one(loaded: LoadedModel, utterance, job: ExplainJob) -> tuple[str, str]:
@@ -132,18 +119,10 @@ def explain_one(loaded: LoadedModel, utterance, job: ExplainJob) -> tuple[str, s
     Returns ``(status, key)`` with status ``"done"`` (computed now) or ``"skipped"``.
     """
     store = ResultStore(job.store)
-    kwargs = {"task": job.task, "language": job.language} | job.explain
-    key = entry_key(loaded, utterance, use_reference_text=job.use_reference_text, **kwargs)
+    key = corpus_key(loaded, utterance, **job.settings())
     if store.has(key):
         return "skipped", key
-    explain_corpus(
-        loaded,
-        [utterance],
-        store=store,
-        use_reference_text=job.use_reference_text,
-        progress=False,
-        **kwargs,
-    )
+    explain_corpus(loaded, [utterance], store=store, progress=False, **job.settings())
     return "done", key
 
 
@@ -255,8 +234,11 @@ def explain_distributed(
     task: str = "transcribe",
     language: str | None = None,
     use_reference_text: bool = False,
+    method: str = "spes",
+    options: Options | None = None,
+    seed: int = 0,
     progress: bool = True,
-    **kwargs,
+    **overrides,
 ) -> RunSummary:
     """Explain ``utterances`` (``xattn_utils.data.Utterance``) with ``model`` into ``store``,
     one task per utterance on the workers of ``client`` (a ``distributed.Client``, see
@@ -269,9 +251,9 @@ def explain_distributed(
     A task that raises is retried ``retries`` times, a task whose worker dies is rerun elsewhere
     (up to Dask's ``distributed.scheduler.allowed-failures``); what still fails is in
     ``RunSummary.failed``. ``resources`` are Dask resources each task needs (e.g. ``{"GPU": 1}``
-    with workers started ``--resources GPU=1``). ``task``, ``language``, ``use_reference_text``
-    and ``kwargs`` (``method``, ``n_masks``, ``seed``, ``options`` ...) are as for
-    :func:`~xattn_utils.saliency.explain_corpus`, and give the same store entries.
+    with workers started ``--resources GPU=1``). ``task``, ``language``, ``use_reference_text``,
+    ``method``, ``options``, ``seed`` and ``overrides`` (``n_masks=...``) are as for
+    :func:`~xattn_utils.corpus.explain_corpus`, and give the same store entries.
     """
     ids = [u.id for u in utterances]
     if len(set(ids)) != len(ids):
@@ -287,7 +269,9 @@ def explain_distributed(
         task=task,
         language=language,
         use_reference_text=use_reference_text,
-        explain=dict(kwargs),
+        method=method,
+        options=method_options(method, options, **overrides),
+        seed=seed,
         threads=threads,
     )
     start = time.perf_counter()

@@ -219,7 +219,7 @@ class Curves:
 
 def time_maps(explanation, *, gradient=None) -> dict[str, torch.Tensor]:
     """The maps to rank by, each (tokens, enc_frames), from an
-    :class:`~xattn_utils.saliency.Explanation`: CA (mean of all heads), CA (alignment heads),
+    :class:`~xattn_utils.explanation.Explanation`: CA (mean of all heads), CA (alignment heads),
     SM_X (max over its mel bins and frame pairs, as the comparison pools it) and SM_H; with a
     gradient ``Explanation`` also its SM_X (magnitude, pooled the same way). SM names carry
     the method unless it is ``spes``."""
@@ -341,7 +341,7 @@ def probability_fn(loaded: LoadedModel, mel: torch.Tensor, tr: Transcript, n_mel
     """Reference-token probabilities (batch, tokens) of the teacher-forced model for encoder
     frame occlusions (batch, enc_frames): an occluded frame's 2 mel frames (within the first
     ``n_mel``) take the padding value in every mel bin, as in
-    :func:`~xattn_utils.saliency.masked_mel_logits`."""
+    :func:`~xattn_utils.forwards.masked_mel_logits`."""
     masked_logits = masked_mel_logits(loaded, mel, tr, n_mel)
     ref = torch.tensor(tr.output_ids, device=mel.device)
 
@@ -415,7 +415,7 @@ def curves_corpus(
     """:func:`curves` for each explanation (maps from :func:`time_maps`, with the matching
     gradient explanation when ``gradients`` is given), reusing and filling ``store`` (a
     :class:`~xattn_utils.store.ResultStore`) one utterance at a time."""
-    from .store import ResultStore
+    from .store import ResultStore, cached
 
     by_id = {u.id: u for u in utterances}
     if gradients is not None and len(gradients) != len(explanations):
@@ -436,18 +436,16 @@ def curves_corpus(
         }
         key = ResultStore.key(model=e.model, utterance=e.utterance, method="faithfulness",
                               params=params)  # fmt: skip
-        if store is not None and store.has(key):
-            out.append(Curves.from_tensors(*store.get(key)))
-            continue
         if e.utterance not in by_id:
             raise FaithfulnessError(f"no utterance {e.utterance!r} among the utterances given")
-        result = curves(
-            loaded, by_id[e.utterance].load(), e.transcript, time_maps(e, gradient=grad),
-            options=options, seed=seed, utterance=e.utterance, progress=progress,
-        )  # fmt: skip
-        if store is not None:
-            store.put(key, *result.to_tensors())
-        out.append(result)
+
+        def compute(e=e, grad=grad) -> Curves:
+            return curves(
+                loaded, by_id[e.utterance].load(), e.transcript, time_maps(e, gradient=grad),
+                options=options, seed=seed, utterance=e.utterance, progress=progress,
+            )  # fmt: skip
+
+        out.append(cached(store, key, compute, Curves))
     return out
 
 

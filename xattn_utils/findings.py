@@ -69,7 +69,7 @@ class Evidence:
 
     @classmethod
     def from_explanations(cls, explanations: Sequence, utterances: Sequence = (), **kw) -> Evidence:
-        """Evidence from :class:`~xattn_utils.saliency.Explanation` s (``kw``: the fields)."""
+        """Evidence from :class:`~xattn_utils.explanation.Explanation` s (``kw``: the fields)."""
         return cls(
             correlation_table(explanations, utterances),
             reliability_table(explanations, utterances),

@@ -18,6 +18,7 @@ encoder output of that silent input for SM_H, the same neutral values perturbati
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -25,6 +26,22 @@ from .decode import Transcript
 from .models import LoadedModel
 
 GRADIENT_METHODS = ("saliency", "input_x_gradient", "integrated_gradients")
+
+
+@dataclass(frozen=True)
+class GradientOptions:
+    """Knobs of the gradient maps: ``n_steps``, the integration steps of
+    ``integrated_gradients`` (the other methods have none)."""
+
+    n_steps: int = 32
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.n_steps, int) or self.n_steps < 1:
+            raise ValueError(f"n_steps must be a positive integer, got {self.n_steps!r}")
+
+    def params(self, method: str) -> dict:
+        """The settings ``method`` uses (what its result depends on)."""
+        return {"n_steps": self.n_steps} if method == "integrated_gradients" else {}
 
 
 def _check(method: str) -> None:

@@ -39,7 +39,7 @@ border-bottom:1px solid #ddd}figcaption{font-size:.9em;color:#444;max-width:60em
 
 def provenance(explanations: Sequence, utterances: Sequence = ()) -> dict:
     """Which models, data, utterances, method, mask counts and estimator the explanations come
-    from (read from each :class:`~xattn_utils.saliency.Explanation`'s ``params``; the SM_X
+    from (read from each :class:`~xattn_utils.explanation.Explanation`'s ``params``; the SM_X
     estimator is ``params["estimator"]`` where the run recorded one, else ``"mean"``)."""
 
     def values(get) -> str:

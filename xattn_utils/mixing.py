@@ -49,7 +49,7 @@ from .audio import ENC_FRAME_SECONDS, N_ENC_FRAMES, load_audio, n_enc_frames
 from .compare import propagate
 from .decode import features
 from .models import LoadedModel
-from .store import ResultStore
+from .store import ResultStore, cached
 
 METHOD = "value_zeroing"
 
@@ -367,12 +367,10 @@ def mixing_corpus(
     params = {"group": group, "pad_stride": pad_stride}
     for utt in tqdm(utterances, desc=f"mixing {loaded.name}", disable=not progress):
         key = ResultStore.key(model=loaded.name, utterance=utt.id, method=METHOD, params=params)
-        if store is not None and store.has(key):
-            out.append(EncoderMixing.from_tensors(*store.get(key)))
-            continue
-        result = encoder_mixing(loaded, utt.load(), group=group, pad_stride=pad_stride,
-                                batch_size=batch_size, utterance=utt.id)  # fmt: skip
-        if store is not None:
-            store.put(key, *result.to_tensors())
-        out.append(result)
+
+        def compute(utt=utt) -> EncoderMixing:
+            return encoder_mixing(loaded, utt.load(), group=group, pad_stride=pad_stride,
+                                  batch_size=batch_size, utterance=utt.id)  # fmt: skip
+
+        out.append(cached(store, key, compute, EncoderMixing))
     return out

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
@@ -34,6 +34,7 @@ CONTROLLED = ("control", "antithetic-control")  # scores corrected by a control 
 N_FOLDS = 2  # halves of the masks, for split-half reliability
 N_PARTS = 4  # control variate: each half in two parts, each fitted on the other
 N_BINS = 16  # time bins of the control variate's surrogate
+SPEED_ONLY = ("batch_size",)  # options that change no number, only the time it takes
 
 
 class PerturbationError(ValueError):
@@ -128,6 +129,12 @@ class PerturbationOptions:
             raise PerturbationError(f"enc_groups must be positive, got {self.enc_groups}")
         if self.batch_size is not None and self.batch_size < 1:
             raise PerturbationError(f"batch_size must be positive, got {self.batch_size}")
+
+    def params(self) -> dict:
+        """The settings a map depends on, JSON-able: every field but the speed-only ones
+        (:data:`SPEED_ONLY`), which change how fast the masks run, not which masks or scores."""
+        values = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in SPEED_ONLY}
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
 
 
 def segment_counts(mel_frames: int, granularities: Sequence[int]) -> list[int]:

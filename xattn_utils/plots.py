@@ -1,7 +1,7 @@
 """Figures of cross-attention (CA) and saliency: ``plot_*(result, *, ax=None, **style) -> Axes``.
 
 Every function draws on ``ax`` (a new figure when ``None``), returns the Axes and never calls
-``plt.show()``. Inputs are result objects: an :class:`~xattn_utils.saliency.Explanation`, or
+``plt.show()``. Inputs are result objects: an :class:`~xattn_utils.explanation.Explanation`, or
 the tidy DataFrames of :mod:`xattn_utils.compare` (``compare_maps``, ``cumulative_layers``,
 ``corpus_table``). Time axes are in seconds, spectrogram rows in mel bins. Call
 :func:`set_theme` once per notebook.
@@ -25,8 +25,8 @@ from matplotlib.patches import Rectangle
 from .compare import ca_view, normalize, pool_to_enc, view_specs
 
 if TYPE_CHECKING:  # no model code at import time
+    from .explanation import Explanation
     from .mixing import EncoderMixing
-    from .saliency import Explanation
 
 MAPS = ("CA", "SM_H", "SM_X")
 _COLORS = {"CA": "#1f77b4", "SM_H": "#2ca02c", "SM_X": "#d62728"}

@@ -18,12 +18,18 @@ import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pandas as pd
 
-from .report import DEFAULT_N_MASKS, DEFAULT_N_UTTERANCES, select_utterances, study_tasks
+from .study import (
+    DEFAULT_N_MASKS,
+    DEFAULT_N_UTTERANCES,
+    Study,
+    explain_selection,
+    study_tasks,
+)
 
 NOTEBOOK_DIR = Path(__file__).resolve().parents[1] / "notebooks"
 # notebook stem -> which models it runs for: "first", "each" (one run per model) or "all"
@@ -160,67 +166,51 @@ def render_html(notebook: str | Path, html_path: str | Path, *, code: bool = Fal
 
 def precompute(
     models: Sequence[str],
-    corpus: Sequence,
-    store,
+    study: Study,
     *,
-    n_utterances: int,
+    device: str = "auto",
     client=None,
     shard: tuple[int, int] | None = None,
-    **params,
-) -> dict[str, str]:
-    """Explain every (model, task, utterance) the notebooks will ask for, once, into ``store``,
-    here or on the Dask ``client``'s workers; with ``shard = (i, n)`` only that shard of the
-    utterances. Returns the failures by ``model/task/utterance``.
-
-    ``params``: ``device``, ``method``, ``n_masks``, ``seed``, ``use_reference_text``, exactly
-    as the notebooks pass them, so that their store keys match.
-    """
+) -> list:
+    """Explain every (model, task, utterance) of ``study`` once into its store, here or on
+    the Dask ``client``'s workers; with ``shard = (i, n)`` only that shard of the utterances.
+    Returns the engine's :class:`~xattn_utils.distributed.RunSummary` of each (model, task):
+    what was explained, what the store already held, what failed. The notebooks then find
+    every result under the same keys (:func:`~xattn_utils.study.explain_selection`)."""
     from .distributed import explain_distributed
     from .distributed import shard as shard_of
     from .models import load_model
 
-    device = params.pop("device", "auto")
-    use_reference_text = params.pop("use_reference_text", False)
-    failed: dict[str, str] = {}
+    if study.store is None:
+        raise ValueError("the report's study needs a store (Study(store=...))")
+    summaries = []
     for name in models:
         loaded = load_model(name, device if client is None else "cpu")
         for task in study_tasks(loaded):
-            utterances = select_utterances(corpus, n_utterances, task=task)
+            utterances = study.utterances(task)
             if shard is not None:
                 utterances = shard_of(utterances, *shard)
-            summary = explain_distributed(
-                client,
-                loaded if client is None else name,
-                utterances,
-                store=store,
-                device=device,
-                task=task,
-                language=None,
-                use_reference_text=use_reference_text,
-                **params,
-            )
-            failed |= {f"{name}/{task}/{uid}": err for uid, err in summary.failed.items()}
-    return failed
+            summaries.append(explain_distributed(
+                client, loaded if client is None else name, utterances, store=study.store,
+                device=device, progress=False, **study.settings(task),
+            ))  # fmt: skip
+    return summaries
 
 
 def collect_explanations(
-    models: Sequence[str], corpus: Sequence, store, *, n_utterances: int, **params
+    models: Sequence[str], study: Study, *, device: str = "auto"
 ) -> tuple[list, list]:
     """The explanations :func:`precompute` stored (read back, nothing computed that is stored)
-    and their utterances, for the index. ``params`` as for :func:`precompute`."""
+    and their utterances, for the index."""
     from .models import load_model
-    from .saliency import explain_corpus
 
-    device = params.pop("device", "auto")
     explanations, utterances = [], []
     for name in models:
         loaded = load_model(name, device)
         for task in study_tasks(loaded):
-            selected = select_utterances(corpus, n_utterances, task=task)
-            explanations += explain_corpus(
-                loaded, selected, store=store, task=task, progress=False, **params
-            )
-            utterances += selected
+            selection = explain_selection(loaded, replace(study, progress=False), task=task)
+            explanations += selection.explanations
+            utterances += selection.utterances
     return explanations, utterances
 
 
@@ -295,7 +285,6 @@ def build_report(
     The explain step runs on the Dask ``client`` when given; with ``shard`` only that shard is
     explained and no notebook runs (returns None): run once more without it when every shard
     is done."""
-    from .data import load_corpus
     from .index import write_index
     from .store import ResultStore
 
@@ -303,10 +292,11 @@ def build_report(
         raise ValueError(f"jobs must be a positive number of notebooks at a time, got {jobs!r}")
     out = Path(out).resolve()
     store_path = Path(store).resolve()
-    params = {"method": method, "n_masks": n_masks, "seed": seed}
     if data != "demo" and Path(data).exists():  # notebooks run in the repository root
         data = str(Path(data).resolve())
-    corpus = load_corpus(data)
+    study = Study(data=data, n_utterances=n_utterances, method=method, n_masks=n_masks,
+                  seed=seed, use_reference_text=use_reference_text, store=str(store_path),
+                  progress=False)  # fmt: skip
     stems = list(notebooks or NOTEBOOKS)
     runs = [
         (stem, model)
@@ -314,20 +304,24 @@ def build_report(
         for model in {"first": models[:1], "each": models, "all": [None]}[NOTEBOOKS[stem]]
     ]
     steps = Steps(total=1 if shard is not None else len(runs) + 2)  # fmt: skip
-    explain_params = params | {"device": device, "use_reference_text": use_reference_text}
+    before = set(ResultStore(store_path).keys())
     with steps.step(f"explain {','.join(models)} ({n_masks} masks per map)", "explain"):
         with quiet_loading():
-            failed = precompute(
-                models, corpus, ResultStore(store_path), n_utterances=n_utterances,
-                client=client, shard=shard, **explain_params,
-            )  # fmt: skip
+            summaries = precompute(models, study, device=device, client=client, shard=shard)
+    failed = {f"{s.model}/{uid}": err for s in summaries for uid, err in s.failed.items()}
     if failed:
         raise NotebookError(f"explaining failed for {sorted(failed)}: {failed}")
+    done, skipped = sum(len(s.done) for s in summaries), sum(len(s.skipped) for s in summaries)
+    print(f"      {done} utterances explained, {skipped} already in the store {store_path}",
+          flush=True)  # fmt: skip
     if shard is not None:
         return None
-    common = params | {
+    common = {
         "data": data,
         "n_utterances": n_utterances,
+        "method": method,
+        "n_masks": n_masks,
+        "seed": seed,
         "device": device,
         "use_reference_text": use_reference_text,
         "store": str(store_path),
@@ -360,10 +354,7 @@ def build_report(
     settings = {k: v for k, v in common.items() if k not in ("out", "progress")}
     with steps.step("index (findings, headline figure)", "index"):
         with quiet_loading():
-            explanations, utterances = collect_explanations(
-                models, corpus, ResultStore(store_path), n_utterances=n_utterances,
-                **explain_params,
-            )  # fmt: skip
+            explanations, utterances = collect_explanations(models, study, device=device)
         index = write_index(
             out, pages, settings, steps=steps.table(), explanations=explanations,
             utterances=utterances, seed=seed,
@@ -371,4 +362,7 @@ def build_report(
     timings = steps.table()
     timings.to_csv(out / "metrics" / "timings.csv", index=False)
     print(timings.to_string(index=False, float_format=lambda v: f"{v:.0f}", na_rep=""))
+    new = set(ResultStore(store_path).keys()) - before
+    print(f"store {store_path}: {len(new)} new results" if new else
+          f"store {store_path}: nothing recomputed, every result was already there")  # fmt: skip
     return index

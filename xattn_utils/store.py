@@ -21,7 +21,7 @@ import time
 import uuid
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 import pandas as pd
@@ -35,6 +35,7 @@ _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 _KEY = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,199}")
 
 Tensors = dict[str, torch.Tensor]
+R = TypeVar("R", covariant=True)
 
 
 def _jsonable(obj: Any) -> Any:
@@ -205,3 +206,26 @@ class ResultStore:
             except FileNotFoundError:  # its writer finished or cleaned it meanwhile
                 pass
         return removed
+
+
+class Storable(Protocol[R]):
+    """A result class the store can hold: ``result.to_tensors() -> (tensors, record)`` and
+    ``Kind.from_tensors(tensors, record) -> result``."""
+
+    def from_tensors(self, tensors: Tensors, record: dict) -> R: ...
+
+
+def cached(store: ResultStore | None, key: str, compute: Callable[[], R], kind: Storable[R]) -> R:
+    """The result under ``key`` in ``store``: read back (``kind.from_tensors``) when it is there,
+    else ``compute()``, saved at once (so a killed corpus run keeps it) and returned. Without a
+    store, just ``compute()``. Every corpus function reuses and fills the store this way."""
+    if store is None:
+        return compute()
+    fresh: list[R] = []
+
+    def run() -> tuple[Mapping[str, torch.Tensor], dict]:
+        fresh.append(compute())
+        return fresh[0].to_tensors()  # type: ignore[attr-defined]
+
+    tensors, record = store.get_or_compute(key, run)
+    return fresh[0] if fresh else kind.from_tensors(tensors, record)

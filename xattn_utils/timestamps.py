@@ -49,7 +49,7 @@ from .compare import bootstrap_ci, pool_to_enc
 from .decode import Transcript
 
 if TYPE_CHECKING:
-    from .saliency import Explanation
+    from .explanation import Explanation
 
 PREPEND_PUNCTUATIONS = "\"'“¿([{-"
 APPEND_PUNCTUATIONS = "\"'.。,，!！?？:：”)]}、"

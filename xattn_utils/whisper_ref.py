@@ -30,7 +30,7 @@ from .timestamps import match_words, normalized_words, word_timings
 if TYPE_CHECKING:
     from whisper.model import Whisper
 
-    from .saliency import Explanation
+    from .explanation import Explanation
 
 # transformers name -> openai-whisper name, applied in order to every key
 RENAMES = [

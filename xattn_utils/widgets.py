@@ -18,7 +18,7 @@ from . import plots
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-    from .saliency import Explanation
+    from .explanation import Explanation
 
 
 def ca_view_name(layer: int | None = None, head: int | None = None) -> str:
