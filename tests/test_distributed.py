@@ -14,6 +14,7 @@ from dataclasses import replace
 import pytest
 import torch
 
+from xattn_utils import cli
 from xattn_utils import distributed as xd
 from xattn_utils.corpus import explain_corpus
 from xattn_utils.data import load_corpus
@@ -82,10 +83,9 @@ def test_bad_shard_specs_are_refused(text):
 
 def test_command_line_flags():
     parser = argparse.ArgumentParser()
-    xd.add_distributed_args(parser)
+    cli.add_distributed_args(parser)
     args = parser.parse_args(["--shard", "2/5", "--workers", "3", "--resources", "GPU=1"])
     assert args.shard == (2, 5) and args.workers == 3 and args.resources == {"GPU": 1.0}
-    assert xd.uses_distributed(args) and not xd.uses_distributed(parser.parse_args([]))
     with pytest.raises(SystemExit):
         parser.parse_args(["--shard", "5/5"])
 
@@ -96,13 +96,12 @@ def test_command_line_flags():
 def test_shards_run_in_process_fill_one_store_like_explain_corpus(corpus, single, tmp_path):
     n = 3
     store = tmp_path / "sharded"
-    args = argparse.Namespace(
-        data="demo", subset="synthetic", limit=n, model="random-tiny", device="cpu",
-        task="transcribe", language=None, out=store, reference_text=True, workers=None,
-        scheduler=None, threads=None, resources=None, retries=1, **EXPLAIN,
-    )  # fmt: skip
+    argv = ["explain", "--data", "demo", "--subset", "synthetic", "--limit", str(n),
+            "--model", "random-tiny", "--device", "cpu", "--out", str(store), "--reference-text",
+            "--method", EXPLAIN["method"], "--n-masks", str(EXPLAIN["n_masks"]),
+            "--seed", str(EXPLAIN["seed"])]  # fmt: skip
     for k in range(2):  # as two machines would, each with --shard k/2
-        assert xd.run_distributed(argparse.Namespace(**{**vars(args), "shard": (k, 2)})) == 0
+        assert cli.main([*argv, "--shard", f"{k}/2"]) == 0
     store = ResultStore(store)
     assert len(store.keys()) == n and len(store.records()) == n
     assert len((store.root / "index.csv").read_text().splitlines()) == 1 + n

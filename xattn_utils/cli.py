@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 
 from tqdm.auto import tqdm
-
-from .distributed import add_distributed_args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -149,41 +148,35 @@ def _attention(args: argparse.Namespace) -> None:
     print(f"wrote {len(rows)} utterances to {args.out}")
 
 
-def _explain(args: argparse.Namespace) -> int | None:
-    from .distributed import run_distributed, uses_distributed
-
-    if uses_distributed(args):
-        return run_distributed(args)
-    from .corpus import explain_corpus
+def _explain(args: argparse.Namespace) -> int:
+    """Explain the corpus (``--shard``: one shard of it) here or on the Dask engine into
+    ``--out``, rewrite its ``index.csv`` and print what was done; 1 if any utterance failed."""
     from .data import load_corpus
-    from .models import load_model
+    from .distributed import explain_distributed, shard
     from .store import ResultStore
 
-    loaded = load_model(args.model, args.device)
     corpus = load_corpus(args.data, subset=args.subset, limit=args.limit)
+    if args.shard is not None:
+        corpus = shard(corpus, *args.shard)
+    overrides = {} if args.n_masks is None else {"n_masks": args.n_masks}
     store = ResultStore(args.out)
-    kwargs = {"method": args.method, "seed": args.seed}
-    if args.n_masks is not None:
-        kwargs["n_masks"] = args.n_masks
-    results = explain_corpus(
-        loaded,
-        corpus,
-        store=store,
-        task=args.task,
-        language=args.language,
-        use_reference_text=args.reference_text,
-        **kwargs,
-    )
-    store.records().to_csv(args.out / "index.csv", index=False)
-    print(f"{len(results)} utterances explained; results in {args.out}")
+    with _client(args) as client:
+        summary = explain_distributed(
+            client, args.model, corpus, store=store, device=args.device, threads=args.threads,
+            retries=args.retries, resources=args.resources, task=args.task,
+            language=args.language, use_reference_text=args.reference_text, method=args.method,
+            seed=args.seed, **overrides,
+        )  # fmt: skip
+    print(summary, flush=True)
+    store.write_index()
+    return 1 if summary.failed else 0
 
 
 def _report(args: argparse.Namespace) -> int:
     from . import report
-    from .distributed import client_from_args
 
     try:
-        with client_from_args(args) as client:
+        with _client(args) as client:
             index = report.build_report(
                 [m.strip() for m in args.models.split(",") if m.strip()],
                 args.data,
@@ -275,3 +268,45 @@ def _lang(loaded, language: str | None) -> str | None:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+# -- scale-out flags (see xattn_utils.distributed) ---------------------------------------------
+
+
+def add_distributed_args(parser: argparse.ArgumentParser) -> None:
+    """``--shard I/N``, ``--workers N``, ``--scheduler ADDRESS`` and their knobs."""
+    g = parser.add_argument_group("scale-out (see xattn_utils.distributed)")
+    shard_help = "only shard I of N, 0 <= I < N (by utterance id): run all N, anywhere, one --out"
+    g.add_argument("--shard", type=_shard_arg, metavar="I/N", help=shard_help)
+    g.add_argument("--workers", type=int, help="N local Dask worker processes")
+    g.add_argument("--scheduler", metavar="ADDRESS", help="a Dask cluster (tcp://host:8786)")
+    g.add_argument("--threads", type=int, help="torch threads per worker (default: share cores)")
+    resources_help = "Dask resources per task, e.g. GPU=1 (for workers started --resources GPU=1)"
+    g.add_argument("--resources", type=_resources_arg, metavar="NAME=N,...", help=resources_help)
+    g.add_argument("--retries", type=int, default=1, help="retries of a task that raised")
+
+
+def _client(args: argparse.Namespace):
+    """A context giving the Dask client that ``--workers``/``--scheduler`` ask for, or None
+    (run in this process)."""
+    if getattr(args, "workers", None) or getattr(args, "scheduler", None):
+        from .distributed import connect
+
+        return connect(workers=args.workers, scheduler=args.scheduler)
+    return nullcontext()
+
+
+def _shard_arg(text: str) -> tuple[int, int]:
+    from .distributed import parse_shard
+
+    try:
+        return parse_shard(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def _resources_arg(text: str) -> dict[str, float]:
+    try:
+        return {k.strip(): float(v) for k, v in (item.split("=") for item in text.split(","))}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"resources look like GPU=1,MEM=2e9: {text!r}") from None

@@ -29,7 +29,6 @@ GPU, with ``resources={"GPU": 1}`` where CPU and GPU workers mix.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import os
 import threading
@@ -37,7 +36,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -392,88 +391,3 @@ def connect(
         Client(cluster) as client,
     ):
         yield client
-
-
-# -- command line ------------------------------------------------------------------------------
-
-
-def add_distributed_args(parser: argparse.ArgumentParser) -> None:
-    """``--shard I/N``, ``--workers N``, ``--scheduler ADDRESS`` and their knobs."""
-    g = parser.add_argument_group("scale-out (see xattn_utils.distributed)")
-    shard_help = "only shard I of N, 0 <= I < N (by utterance id): run all N, anywhere, one --out"
-    g.add_argument("--shard", type=_shard_arg, metavar="I/N", help=shard_help)
-    g.add_argument("--workers", type=int, help="N local Dask worker processes")
-    g.add_argument("--scheduler", metavar="ADDRESS", help="a Dask cluster (tcp://host:8786)")
-    g.add_argument("--threads", type=int, help="torch threads per worker (default: share cores)")
-    resources_help = "Dask resources per task, e.g. GPU=1 (for workers started --resources GPU=1)"
-    g.add_argument("--resources", type=_resources_arg, metavar="NAME=N,...", help=resources_help)
-    g.add_argument("--retries", type=int, default=1, help="retries of a task that raised")
-
-
-def uses_distributed(args: argparse.Namespace) -> bool:
-    """Whether the command line asked for a shard or an engine."""
-    return any(getattr(args, name, None) for name in ("shard", "workers", "scheduler"))
-
-
-def client_from_args(args: argparse.Namespace):
-    """A context giving the Dask client that ``--workers``/``--scheduler`` ask for, or None
-    (run in this process)."""
-    if args.workers or args.scheduler:
-        return connect(workers=args.workers, scheduler=args.scheduler)
-    return nullcontext()
-
-
-def run_distributed(args: argparse.Namespace) -> int:
-    """``xattn explain`` with the scale-out flags: load the corpus, keep ``--shard``, explain
-    it here or on the engine into ``--out``, rewrite ``index.csv`` and print the failed
-    utterances. Returns the exit status: 1 if any utterance failed."""
-    from .data import load_corpus
-
-    corpus = load_corpus(args.data, subset=args.subset, limit=args.limit)
-    if args.shard is not None:
-        corpus = shard(corpus, *args.shard)
-    kwargs = {"method": args.method, "seed": args.seed}
-    if args.n_masks is not None:
-        kwargs["n_masks"] = args.n_masks
-    store = ResultStore(args.out)
-    with client_from_args(args) as client:
-        summary = explain_distributed(
-            client,
-            args.model,
-            corpus,
-            store=store,
-            device=args.device,
-            threads=args.threads,
-            retries=args.retries,
-            resources=args.resources,
-            task=args.task,
-            language=args.language,
-            use_reference_text=args.reference_text,
-            **kwargs,
-        )
-    print(summary, flush=True)
-    write_index(store)
-    return 1 if summary.failed else 0
-
-
-def write_index(store: ResultStore, name: str = "index.csv") -> Path:
-    """``store.records()`` as CSV beside the store, replaced atomically (shards may race)."""
-    path = store.root / name
-    tmp = path.with_name(f".{name}.{os.getpid()}.{uuid.uuid4().hex[:8]}")
-    store.records().to_csv(tmp, index=False)
-    os.replace(tmp, path)
-    return path
-
-
-def _shard_arg(text: str) -> tuple[int, int]:
-    try:
-        return parse_shard(text)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
-
-
-def _resources_arg(text: str) -> dict[str, float]:
-    try:
-        return {k.strip(): float(v) for k, v in (item.split("=") for item in text.split(","))}
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"resources look like GPU=1,MEM=2e9: {text!r}") from None

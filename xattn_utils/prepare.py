@@ -76,3 +76,9 @@ def prepare(
         task=task,
         language=language,
     )
+
+
+def spectrogram(loaded: LoadedModel, audio: np.ndarray | str) -> np.ndarray:
+    """The model's log-mel input over the speech, shape = (mel_frames, mel_bins), for plots."""
+    audio = load_audio(audio)
+    return features(loaded, audio)[0, :, : n_mel_frames(audio)].T.float().cpu().numpy()

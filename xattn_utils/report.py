@@ -14,10 +14,9 @@ from __future__ import annotations
 import importlib
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
-from .audio import n_mel_frames
+from .prepare import spectrogram  # noqa: F401  (re-exported for the notebooks)
 from .study import (  # noqa: F401  (re-exported: the notebooks call xu.report.Study ...)
     DEFAULT_N_MASKS,
     DEFAULT_N_UTTERANCES,
@@ -62,12 +61,3 @@ def save_metrics(table: pd.DataFrame, out: str | Path, name: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     table.to_csv(path, index=False)
     return path
-
-
-def spectrogram(loaded, audio) -> np.ndarray:
-    """Whisper's log-mel input over the speech, shape = (mel_frames, mel_bins), for plots."""
-    from .audio import load_audio
-    from .decode import features
-
-    audio = load_audio(audio)
-    return features(loaded, audio)[0, :, : n_mel_frames(audio)].T.float().cpu().numpy()

@@ -188,6 +188,14 @@ class ResultStore:
             rows.append({"key": key, "created": meta["created"], **scalars})
         return pd.DataFrame(rows, columns=None if rows else ["key", "created"])
 
+    def write_index(self, name: str = "index.csv") -> Path:
+        """:meth:`records` as CSV in the store's folder, replaced atomically (shards may race)."""
+        path = self.root / name
+        tmp = path.with_name(f".{name}.{os.getpid()}.{uuid.uuid4().hex[:8]}")
+        self.records().to_csv(tmp, index=False)
+        os.replace(tmp, path)
+        return path
+
     def partial(self) -> list[Path]:
         """Temp directories left by writers that were killed (or are still writing)."""
         return sorted(p for p in self.root.iterdir() if p.name.startswith(_TMP))

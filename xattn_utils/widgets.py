@@ -71,7 +71,7 @@ def explorer(
     import ipywidgets as w
     from IPython.display import Audio, display
 
-    from .report import spectrogram
+    from .prepare import spectrogram
 
     by_id = {u.id: u for u in utterances}
     cache: dict[str, object] = {}
