@@ -15,14 +15,14 @@ import pandas as pd
 import torch
 
 from .audio import ENC_FRAME_SECONDS, duration, load_audio, n_enc_frames
-from .decode import Transcript, decode, features, teacher_forced
+from .decode import Labelled, Transcript, decode, features, teacher_forced
 from .models import LoadedModel
 
 Heads = Iterable[tuple[int, int]]
 
 
 @dataclass(frozen=True)
-class CrossAttention:
+class CrossAttention(Labelled):
     """Cross-attention scores with their labels.
 
     ``scores`` shape = (layers, heads, tokens, enc_frames), float32, cropped to the speech.
@@ -34,14 +34,6 @@ class CrossAttention:
     alignment_heads: tuple[tuple[int, int], ...]
     duration: float
     enc_frame_seconds: float = ENC_FRAME_SECONDS
-
-    @property
-    def tokens(self) -> tuple[str, ...]:
-        return self.transcript.tokens
-
-    @property
-    def special(self) -> tuple[bool, ...]:
-        return self.transcript.special
 
     @property
     def times(self) -> np.ndarray:

@@ -41,6 +41,21 @@ class Transcript:
         return len(self.output_ids)
 
 
+class Labelled:
+    """Rows labelled by a ``transcript``: ``tokens`` and ``special``, one per output token
+    (mixed into the result dataclasses)."""
+
+    transcript: Transcript
+
+    @property
+    def tokens(self) -> tuple[str, ...]:
+        return self.transcript.tokens
+
+    @property
+    def special(self) -> tuple[bool, ...]:
+        return self.transcript.special
+
+
 def features(loaded: LoadedModel, audio: np.ndarray) -> torch.Tensor:
     """Whisper's normalised log-mel input, padded to 30 s. shape = (1, mels, 3000)."""
     extractor = loaded.processor.feature_extractor

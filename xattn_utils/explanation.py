@@ -14,11 +14,11 @@ import pandas as pd
 import torch
 
 from .audio import ENC_FRAME_SECONDS, MEL_FRAME_SECONDS
-from .decode import Transcript
+from .decode import Labelled, Transcript
 
 
 @dataclass(frozen=True, eq=False)
-class Explanation:
+class Explanation(Labelled):
     """Cross-attention and saliency of one utterance, with their labels.
 
     Shapes: ``cross_attention`` (layers, heads, tokens, enc_frames); ``input_saliency``
@@ -41,14 +41,6 @@ class Explanation:
     encoder_saliency_folds: torch.Tensor | None = field(default=None, repr=False)
     mel_frame_seconds: float = MEL_FRAME_SECONDS
     enc_frame_seconds: float = ENC_FRAME_SECONDS
-
-    @property
-    def tokens(self) -> tuple[str, ...]:
-        return self.transcript.tokens
-
-    @property
-    def special(self) -> tuple[bool, ...]:
-        return self.transcript.special
 
     @property
     def n_masks(self) -> int | None:
