@@ -19,7 +19,7 @@ import time
 import pandas as pd
 
 import xattn_utils as xu
-from xattn_utils.convergence import convergence, summary_table
+from xattn_utils.analysis.convergence import convergence, summary_table
 
 
 def main() -> None:

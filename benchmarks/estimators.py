@@ -37,9 +37,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from xattn_utils.compare import pool_to_enc
-from xattn_utils.estimators import ESTIMATORS, UnitDesign, estimate
-from xattn_utils.perturbation import MaskSampler, bin_features, ridge_gcv, time_bins
+from xattn_utils.analysis.compare import pool_to_enc
+from xattn_utils.maps.estimators import ESTIMATORS, UnitDesign, estimate
+from xattn_utils.maps.perturbation import MaskSampler, bin_features, ridge_gcv, time_bins
 
 ROOT = Path(__file__).resolve().parents[1] / "data" / "reference"
 
@@ -130,7 +130,7 @@ def score_subsets(ref: dict, counts: list[int], estimators: list[str], max_subse
 
 def diagnostics(ref: dict, count: int = 256) -> dict:
     """Out-of-sample R^2 of additive fits, and the concentration of squared unit effects."""
-    from xattn_utils.estimators import _bin_fit, _ridge
+    from xattn_utils.maps.estimators import _bin_fit, _ridge
 
     n = ref["scores"].shape[0]
     masks = np.arange(n)
@@ -192,7 +192,7 @@ def diagnostics(ref: dict, count: int = 256) -> dict:
 
 def _ridge_flat(z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Plain ridge (prior mean 0, equal prior variances), penalty by GCV."""
-    from xattn_utils.estimators import _ridge
+    from xattn_utils.maps.estimators import _ridge
 
     zeros = torch.zeros(z.shape[1], y.shape[1], dtype=torch.float64)
     return _ridge(z, y, zeros, torch.ones_like(zeros))

@@ -26,14 +26,14 @@ import numpy as np
 import torch
 
 import xattn_utils as xu
-from xattn_utils.attention import forward_attention
-from xattn_utils.compare import pool_to_enc
+from xattn_utils.analysis.compare import pool_to_enc
 from xattn_utils.data import load_corpus
-from xattn_utils.decode import Transcript, decode, features
-from xattn_utils.estimators import estimate
-from xattn_utils.forwards import decoder_logits, encode, mel_score_fn
-from xattn_utils.models import attention_implementation
-from xattn_utils.perturbation import MaskSampler, PerturbationOptions, kl_scores
+from xattn_utils.maps.attention import forward_attention
+from xattn_utils.maps.estimators import estimate
+from xattn_utils.maps.forwards import decoder_logits, encode, mel_score_fn
+from xattn_utils.maps.perturbation import MaskSampler, PerturbationOptions, kl_scores
+from xattn_utils.model.decode import Transcript, decode, features
+from xattn_utils.model.loading import attention_implementation
 
 ROOT = Path(__file__).resolve().parents[1] / "data" / "reference"
 

@@ -17,11 +17,11 @@ from dataclasses import replace
 import torch
 
 import xattn_utils as xu
-from xattn_utils.compare import pool_to_enc, utterance_score
+from xattn_utils.analysis.compare import pool_to_enc, utterance_score
 from xattn_utils.data import load_corpus
-from xattn_utils.perturbation import PerturbationOptions
-from xattn_utils.prepare import prepare
-from xattn_utils.spes import input_spes_run
+from xattn_utils.maps.perturbation import PerturbationOptions
+from xattn_utils.maps.prepare import prepare
+from xattn_utils.maps.spes import input_spes_run
 
 
 def main() -> None:

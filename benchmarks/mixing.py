@@ -1,11 +1,11 @@
 """Value-zeroing speed on this machine, measured in one run (one demo utterance).
 
-Per encoder layer, the batched rank-1 path (:func:`xattn_utils.mixing.layer_distances`: one
+Per encoder layer, the batched rank-1 path (:func:`xattn_utils.analysis.mixing.layer_distances`: one
 attention pass, then only the MLP per zeroed frame) against the real layer run once per zeroed
-frame with a hook (:func:`~xattn_utils.mixing.layer_distances_looped`), on a sample of frames
-(the looped path is timed on ``--sample`` frames and scaled to all of them, printed as
-``*_extrapolated``); and the whole :func:`~xattn_utils.mixing.encoder_mixing` for ``group`` 1
-and 4. Prints ``name: value`` lines. Usage:
+frame with a hook (:func:`~xattn_utils.analysis.mixing.layer_distances_looped`), on a sample of
+frames (the looped path is timed on ``--sample`` frames and scaled to all of them, printed as
+``*_extrapolated``); and the whole :func:`~xattn_utils.analysis.mixing.encoder_mixing` for
+``group`` 1 and 4. Prints ``name: value`` lines. Usage:
 ``python benchmarks/mixing.py [--model tiny.en] [--utterance ID] [--sample 16]``
 """
 
@@ -17,14 +17,14 @@ import time
 import torch
 
 import xattn_utils as xu
-from xattn_utils.audio import N_ENC_FRAMES, n_enc_frames
-from xattn_utils.decode import features
-from xattn_utils.mixing import (
+from xattn_utils.analysis.mixing import (
     encoder_mixing,
     encoder_states,
     layer_distances,
     layer_distances_looped,
 )
+from xattn_utils.audio import N_ENC_FRAMES, n_enc_frames
+from xattn_utils.model.decode import features
 
 
 def timed(fn, *args, **kwargs):

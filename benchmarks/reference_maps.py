@@ -25,20 +25,20 @@ import numpy as np
 import torch
 
 import xattn_utils as xu
-from xattn_utils.attention import forward_attention
+from xattn_utils.analysis.compare import pool_to_enc
 from xattn_utils.audio import n_mel_frames
-from xattn_utils.compare import pool_to_enc
 from xattn_utils.data import load_corpus
-from xattn_utils.decode import decode, features
-from xattn_utils.forwards import mel_score_fn
-from xattn_utils.models import attention_implementation
-from xattn_utils.perturbation import (
+from xattn_utils.maps.attention import forward_attention
+from xattn_utils.maps.forwards import mel_score_fn
+from xattn_utils.maps.perturbation import (
     MaskSampler,
     PerturbationOptions,
     distinct_label_maps,
     segment_counts,
     slic_segments,
 )
+from xattn_utils.model.decode import decode, features
+from xattn_utils.model.loading import attention_implementation
 
 # at most 6 s each: one synthetic, two recorded (the pooled maps are tokens x enc_frames)
 UTTERANCES = ("syn_en_07", "real_LJ001-0011", "real_LJ001-0004")

@@ -25,13 +25,18 @@ import numpy as np
 import torch
 
 import xattn_utils as xu
+from xattn_utils.analysis.compare import pool_to_enc
+from xattn_utils.analysis.timestamps import (
+    match_words,
+    normalize_word,
+    normalized_words,
+    split_words,
+)
 from xattn_utils.audio import ENC_FRAME_SECONDS
-from xattn_utils.compare import pool_to_enc
 from xattn_utils.data import load_corpus
-from xattn_utils.perturbation import ESTIMATORS, PerturbationOptions
-from xattn_utils.prepare import prepare
-from xattn_utils.spes import input_spes_run
-from xattn_utils.timestamps import match_words, normalize_word, normalized_words, split_words
+from xattn_utils.maps.perturbation import ESTIMATORS, PerturbationOptions
+from xattn_utils.maps.prepare import prepare
+from xattn_utils.maps.spes import input_spes_run
 
 UNSEEN = ("real_LJ001-0006", "real_praatio_bobby")
 

@@ -1,4 +1,4 @@
-"""Throughput of the Dask fan-out (:mod:`xattn_utils.distributed`) on this machine, in one run:
+"""Throughput of the Dask fan-out (:mod:`xattn_utils.maps.distributed`) on this machine, in one run:
 utterances per minute with 1 and 2 local workers, and their ratio.
 
 For each worker count: start a local cluster, load the model on every worker (not timed), then

@@ -18,7 +18,7 @@ import numpy as np
 
 import xattn_utils as xu
 from xattn_utils import aligner, calibration
-from xattn_utils.timestamps import pool_scores, score_timings
+from xattn_utils.analysis.timestamps import pool_scores, score_timings
 
 METHODS = ["whisper", "all-heads", "all-heads-refined", "select", "chars", "chars-refined"]
 

@@ -5,14 +5,14 @@ import pytest
 import torch
 
 import xattn_utils as xu
-from xattn_utils.attention import forward_attention
+from xattn_utils.analysis.compare import pool_to_enc
 from xattn_utils.audio import n_enc_frames
-from xattn_utils.compare import pool_to_enc
 from xattn_utils.data import load_corpus
-from xattn_utils.decode import decode, features
-from xattn_utils.perturbation import PerturbationOptions
-from xattn_utils.prepare import prepare
-from xattn_utils.spes import encoder_spes_run, input_spes_run
+from xattn_utils.maps.attention import forward_attention
+from xattn_utils.maps.perturbation import PerturbationOptions
+from xattn_utils.maps.prepare import prepare
+from xattn_utils.maps.spes import encoder_spes_run, input_spes_run
+from xattn_utils.model.decode import decode, features
 
 pytestmark = pytest.mark.slow
 

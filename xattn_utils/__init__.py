@@ -1,23 +1,27 @@
 """xattn: how much does cross-attention explain in speech-to-text models?
 
-Figures, the explorer, the report helpers and the analyses beyond the study live in the
-submodules ``xu.plots``, ``xu.widgets``, ``xu.report``, ``xu.convergence``, ``xu.faithfulness``
-and ``xu.timestamps`` (plots and widgets load matplotlib on first use).
+The package is grouped by family, in data-flow order (imports go one way):
+``audio``, ``store``, ``data`` -> ``model`` (loading, conversion, decoding, forwards) -> ``maps``
+(CA, SPES and gradient saliency, explanations, corpora) -> ``analysis`` (comparisons,
+convergence, faithfulness, timestamps, context mixing, the study's tables and findings) ->
+``viz`` (plots, the explorer) -> ``report`` (the study, the notebooks' runner, the index) ->
+``cli``; ``reference`` holds the openai-whisper reference. Every module is also reachable by its
+short name, loaded on first use (``xu.plots``, ``xu.faithfulness``, ``xu.timestamps`` ...).
 """
 
 import importlib
 
-from .aligner import word_timestamps
-from .attention import CrossAttention, cross_attention
+from .analysis.aligner import word_timestamps
+from .analysis.compare import corpus_table
 from .audio import load_audio
-from .compare import corpus_table
-from .corpus import explain_corpus
 from .data import load_corpus
-from .decode import Transcript, decode
-from .explanation import Explanation
-from .models import LoadedModel, available_models, load_model
+from .maps.attention import CrossAttention, cross_attention
+from .maps.corpus import explain_corpus
+from .maps.explanation import Explanation
+from .maps.saliency import explain, list_methods
+from .model.decode import Transcript, decode
+from .model.loading import LoadedModel, available_models, load_model
 from .report import save_metrics
-from .saliency import explain, list_methods
 from .store import ResultStore
 
 __all__ = [
@@ -40,12 +44,27 @@ __all__ = [
     "word_timestamps",
 ]
 
-_LAZY = ("convergence", "faithfulness", "plots", "report", "timestamps", "whisper_ref", "widgets")
-_LAZY += ("context", "mixing")
-_LAZY += ("aligner", "calibration", "timestamp_formats")
+# The modules by their short names (``xu.plots``, ``xu.faithfulness``, ...), loaded on first use:
+# the notebooks reach the analyses this way, whatever family the module sits in.
+MODULES = {
+    "convert": "model.convert", "models": "model.loading", "decode": "model.decode",
+    "forwards": "maps.forwards",
+    "attention": "maps.attention", "prepare": "maps.prepare", "perturbation": "maps.perturbation",
+    "estimators": "maps.estimators", "spes": "maps.spes", "gradients": "maps.gradients",
+    "saliency": "maps.saliency", "explanation": "maps.explanation", "corpus": "maps.corpus",
+    "mixing": "analysis.mixing", "distributed": "maps.distributed",
+    "compare": "analysis.compare", "convergence": "analysis.convergence",
+    "faithfulness": "analysis.faithfulness", "timestamps": "analysis.timestamps",
+    "aligner": "analysis.aligner", "calibration": "analysis.calibration",
+    "timestamp_formats": "analysis.timestamp_formats", "context": "analysis.context",
+    "tables": "analysis.tables", "findings": "analysis.findings",
+    "plots": "viz.plots", "widgets": "viz.widgets",
+    "study": "report.study", "runner": "report.runner", "index": "report.index",
+    "whisper_ref": "reference.whisper",
+}  # fmt: skip
 
 
 def __getattr__(name: str):
-    if name in _LAZY:
-        return importlib.import_module(f"{__name__}.{name}")
+    if name in MODULES:
+        return importlib.import_module(f"{__name__}.{MODULES[name]}")
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -97,7 +97,7 @@ def _data_args(p: argparse.ArgumentParser) -> None:
 
 
 def _models(args: argparse.Namespace) -> None:
-    from .models import available_models, cache_dir, load_model
+    from .model.loading import available_models, cache_dir, load_model
 
     for name in available_models():
         ready = any(cache_dir().glob(f"{name}*/model.safetensors"))
@@ -108,8 +108,8 @@ def _models(args: argparse.Namespace) -> None:
 
 
 def _transcribe(args: argparse.Namespace) -> None:
-    from .decode import decode
-    from .models import load_model
+    from .model.decode import decode
+    from .model.loading import load_model
 
     loaded = load_model(args.model, args.device)
     for path in args.files:
@@ -121,9 +121,9 @@ def _attention(args: argparse.Namespace) -> None:
     import pandas as pd
     from safetensors.torch import save_file
 
-    from .attention import cross_attention
     from .data import load_corpus
-    from .models import load_model
+    from .maps.attention import cross_attention
+    from .model.loading import load_model
 
     loaded = load_model(args.model, args.device)
     corpus = load_corpus(args.data, subset=args.subset, limit=args.limit)
@@ -152,7 +152,7 @@ def _explain(args: argparse.Namespace) -> int:
     """Explain the corpus (``--shard``: one shard of it) here or on the Dask engine into
     ``--out``, rewrite its ``index.csv`` and print what was done; 1 if any utterance failed."""
     from .data import load_corpus
-    from .distributed import explain_distributed, shard
+    from .maps.distributed import explain_distributed, shard
     from .store import ResultStore
 
     corpus = load_corpus(args.data, subset=args.subset, limit=args.limit)
@@ -216,9 +216,9 @@ def _report(args: argparse.Namespace) -> int:
 
 def _timestamps(args: argparse.Namespace) -> None:
     from . import timestamp_formats as fmt
-    from .aligner import load_calibration, word_timestamps
+    from .analysis.aligner import load_calibration, word_timestamps
     from .audio import load_audio
-    from .models import load_model
+    from .model.loading import load_model
 
     if args.text_file is not None and len(args.files) != 1:
         raise ValueError("--text-file aligns one transcript: give exactly one audio file")
@@ -247,9 +247,9 @@ def _timestamps(args: argparse.Namespace) -> None:
 
 
 def _calibrate(args: argparse.Namespace) -> None:
-    from .calibration import calibrate
+    from .analysis.calibration import calibrate
     from .data import load_corpus
-    from .models import load_model
+    from .model.loading import load_model
 
     loaded = load_model(args.model, args.device)
     corpus = load_corpus(args.data, subset=args.subset)
@@ -270,12 +270,12 @@ if __name__ == "__main__":
     sys.exit(main())
 
 
-# -- scale-out flags (see xattn_utils.distributed) ---------------------------------------------
+# -- scale-out flags (see xattn_utils.maps.distributed) ----------------------------------------
 
 
 def add_distributed_args(parser: argparse.ArgumentParser) -> None:
     """``--shard I/N``, ``--workers N``, ``--scheduler ADDRESS`` and their knobs."""
-    g = parser.add_argument_group("scale-out (see xattn_utils.distributed)")
+    g = parser.add_argument_group("scale-out (see xattn_utils.maps.distributed)")
     shard_help = "only shard I of N, 0 <= I < N (by utterance id): run all N, anywhere, one --out"
     g.add_argument("--shard", type=_shard_arg, metavar="I/N", help=shard_help)
     g.add_argument("--workers", type=int, help="N local Dask worker processes")
@@ -290,14 +290,14 @@ def _client(args: argparse.Namespace):
     """A context giving the Dask client that ``--workers``/``--scheduler`` ask for, or None
     (run in this process)."""
     if getattr(args, "workers", None) or getattr(args, "scheduler", None):
-        from .distributed import connect
+        from .maps.distributed import connect
 
         return connect(workers=args.workers, scheduler=args.scheduler)
     return nullcontext()
 
 
 def _shard_arg(text: str) -> tuple[int, int]:
-    from .distributed import parse_shard
+    from .maps.distributed import parse_shard
 
     try:
         return parse_shard(text)

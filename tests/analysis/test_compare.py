@@ -1,0 +1,246 @@
+"""compare: pooling, CA views, correlations and CIs against reference implementations."""
+
+import warnings
+
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.stats
+import torch
+import torch.nn.functional as F
+
+from xattn_utils import compare as C
+
+L, H, T, E = 3, 2, 5, 40  # layers, heads, tokens, enc_frames
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(0)
+
+
+@pytest.fixture
+def ca():
+    return torch.softmax(torch.randn(L, H, T, E, generator=torch.Generator().manual_seed(0)), -1)
+
+
+@pytest.mark.parametrize("mel_frames", [80, 81])
+@pytest.mark.parametrize("how", ["max", "mean", "sum"])
+def test_pool_to_enc_matches_torch_pooling(how, mel_frames):
+    sm_x = torch.randn(T, mel_frames, 16, generator=torch.Generator().manual_seed(1))
+    got = C.pool_to_enc(sm_x, how=how)
+    assert got.shape == (T, (mel_frames + 1) // 2)
+    x = sm_x[:, None]  # (tokens, 1, mel_frames, mel_bins)
+    if how == "max":
+        ref = F.max_pool2d(x, kernel_size=(2, 16), ceil_mode=True)
+    else:
+        ref = F.avg_pool2d(x, kernel_size=(2, 16), ceil_mode=True)
+        if how == "sum":  # ceil-mode windows divide by their real size: undo it
+            ref = (
+                ref * torch.tensor([32.0] * (mel_frames // 2) + [16.0] * (mel_frames % 2))[:, None]
+            )
+    torch.testing.assert_close(got, ref[:, 0, :, 0])
+
+
+def test_pool_to_enc_accepts_numpy(rng):
+    sm_x = rng.standard_normal((T, 10, 4)).astype(np.float32)
+    torch.testing.assert_close(C.pool_to_enc(sm_x), C.pool_to_enc(torch.from_numpy(sm_x)))
+
+
+@pytest.mark.parametrize("method", ["pearson", "spearman"])
+def test_token_correlations_match_scipy(method, rng):
+    a = rng.standard_normal((T, E))
+    b = a + rng.standard_normal((T, E))
+    b[1, :10] = 0.0  # ties for spearman
+    ref_fn = scipy.stats.pearsonr if method == "pearson" else scipy.stats.spearmanr
+    ref = [ref_fn(a[t], b[t])[0] for t in range(T)]
+    got = C.token_correlations(torch.from_numpy(a).float(), b, method=method)
+    np.testing.assert_allclose(got, ref, rtol=1e-5)
+    np.testing.assert_allclose(C.token_correlations(a, b, method=method), ref, rtol=1e-10)
+
+
+def test_token_correlations_broadcast_over_views(ca, rng):
+    sm = rng.random((T, E))
+    got = C.token_correlations(ca.reshape(L * H, T, E), sm)
+    assert got.shape == (L * H, T)
+    np.testing.assert_allclose(got[3], C.token_correlations(ca[1, 1], sm))
+
+
+def test_constant_rows_give_nan_and_are_counted(rng):
+    a, b = rng.standard_normal((T, E)), rng.standard_normal((T, E))
+    a[0] = 0.1
+    b[2] = 3.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        r = C.token_correlations(a, b)
+        rs = C.token_correlations(a, b, method="spearman")
+    assert np.isnan(r[[0, 2]]).all() and np.isfinite(r[[1, 3, 4]]).all()
+    assert np.isnan(rs[[0, 2]]).all()
+    score = C.utterance_score(a, b)
+    assert (score.n_tokens, score.n_nan) == (3, 2)
+    assert score.mean == pytest.approx(r[[1, 3, 4]].mean())
+    kept = C.utterance_score(a, b, keep=[False, True, True, True, True])
+    assert (kept.n_tokens, kept.n_nan) == (3, 1)
+    assert kept.to_frame().loc[0, "n_nan"] == 1
+
+
+def test_flattened_pearson_equals_mean_token_r_after_zscore(rng):
+    a, b = rng.standard_normal((T, E)), rng.standard_normal((T, E))
+    za, zb = C.normalize(a).numpy(), C.normalize(b).numpy()
+    flat = scipy.stats.pearsonr(za.ravel(), zb.ravel())[0]
+    assert flat == pytest.approx(C.token_correlations(a, b).mean(), rel=1e-5)
+
+
+def test_normalize(rng):
+    x = rng.standard_normal((T, 6, 4)) * 5 + 2
+    z = C.normalize(x, axis=(-2, -1)).double()
+    torch.testing.assert_close(z.mean((-2, -1)), torch.zeros(T, dtype=z.dtype))
+    m = C.normalize(x, how="minmax")
+    assert m.amin(-1).eq(0).all() and torch.allclose(m.amax(-1), torch.ones(T, 6).to(m))
+    torch.testing.assert_close(C.normalize(x, how="zscore_minmax"), m)
+    assert C.normalize(np.ones((2, 3))).eq(0).all()
+
+
+def test_ca_views_names_and_values(ca):
+    views = C.ca_views(ca)
+    assert len(views) == L * H + L + 1
+    with_align = C.ca_views(ca, alignment_heads=[(2, 0), (2, 1)], extra={"top": [(1, 1)]})
+    assert len(with_align) == L * H + L + 1 + 2
+    torch.testing.assert_close(views["all"], ca.mean((0, 1)))
+    torch.testing.assert_close(views["L1"], ca[1].mean(0))
+    torch.testing.assert_close(views["L2H1"], ca[2, 1])
+    torch.testing.assert_close(with_align["alignment"], ca[2].mean(0))
+    torch.testing.assert_close(with_align["top"], C.ca_view(ca, [(1, 1)]))
+    with pytest.raises(ValueError):
+        C.ca_views(ca, extra={"bad": [(L, 0)]})
+    with pytest.raises(ValueError):
+        C.ca_views(ca, extra={"all": [(0, 0)]})
+
+
+def test_planted_head_gives_r_one(ca, rng):
+    sm_h = torch.from_numpy(rng.random((T, E))).float()
+    planted = ca.clone()
+    planted[1, 0] = sm_h
+    special = [True, False, False, False, False]
+    df = C.compare_maps(planted, sm_h, special=special, alignment_heads=[(1, 0)])
+    assert len(df) == L * H + L + 2
+    assert list(df.columns[:7]) == [
+        "utterance",
+        "map_name",
+        "view",
+        "kind",
+        "layer",
+        "head",
+        "method",
+    ]
+    row = df.set_index("view").loc["L1H0"]
+    assert row["r"] == pytest.approx(1.0) and row["n_tokens"] == T - 1 and row["n_nan"] == 0
+    assert (row["kind"], row["layer"], row["head"], row["map_name"]) == ("head", 1, 0, "SM_H")
+    assert df.set_index("view").loc["alignment", "r"] == pytest.approx(1.0)
+    other_heads = df[(df["kind"] == "head") & (df["view"] != "L1H0")]
+    assert other_heads["r"].lt(0.5).all()
+    all_tokens = C.compare_maps(planted, sm_h, special=special, include_special=True)
+    assert all_tokens.set_index("view").loc["L1H0", "n_tokens"] == T
+
+
+def test_compare_maps_pools_sm_x_and_crops_time(ca, rng):
+    sm_x = rng.random((T, 2 * E - 11, 8))  # fewer (and odd) mel frames than CA covers
+    df = C.compare_maps(ca, sm_x, special=[False] * T, views=["L0H1", "all"], pooling="mean")
+    assert list(df["view"]) == ["L0H1", "all"] and (df["map_name"] == "SM_X").all()
+    pooled = C.pool_to_enc(sm_x, how="mean")
+    n = pooled.shape[1]
+    assert n == E - 5
+    expected = C.utterance_score(ca[0, 1, :, :n], pooled).mean
+    assert df.loc[0, "r"] == pytest.approx(expected)
+    with pytest.raises(ValueError):
+        C.compare_maps(ca, sm_x[:-1], special=[False] * (T - 1))
+    with pytest.raises(ValueError):
+        C.compare_maps(ca, sm_x, special=[False] * T, views=["L9"])
+
+
+def test_compare_maps_spearman(ca, rng):
+    sm = rng.random((T, E))
+    df = C.compare_maps(ca, sm, special=[False] * T, views=["L0H0"], method="spearman")
+    ref = np.mean([scipy.stats.spearmanr(ca[0, 0, t], sm[t])[0] for t in range(T)])
+    assert df.loc[0, "r"] == pytest.approx(ref, rel=1e-5)
+
+
+@pytest.mark.parametrize("from_top", [False, True])
+def test_cumulative_layers(ca, rng, from_top):
+    sm = rng.random((T, E))
+    special = [False] * T
+    df = C.cumulative_layers(ca, sm, special=special, from_top=from_top)
+    assert len(df) == L + 1 and df["kind"].tolist() == ["cumulative"] * L + ["all"]
+    first = df.iloc[0]
+    layer = L - 1 if from_top else 0
+    assert (first["first_layer"], first["last_layer"]) == (layer, layer)
+    single = C.compare_maps(ca, sm, special=special, views=[f"L{layer}", "all"])
+    close = dict(rel=1e-4, abs=1e-6)  # float32 sums in a different order
+    assert first["r"] == pytest.approx(single.loc[0, "r"], **close)
+    assert df.iloc[-2]["r"] == pytest.approx(df.iloc[-1]["r"], **close)
+    assert df.iloc[-1]["r"] == pytest.approx(single.loc[1, "r"], **close)
+    two = df.iloc[1]
+    layers = [L - 2, L - 1] if from_top else [0, 1]
+    heads = [(ly, h) for ly in layers for h in range(H)]
+    expected = C.utterance_score(C.ca_view(ca, heads), sm).mean
+    assert two["r"] == pytest.approx(expected, **close) and two["n_layers"] == 2
+
+
+def test_bootstrap_deterministic_and_contains_mean(rng):
+    values = np.append(rng.normal(0.5, 0.2, size=50), [np.nan, np.nan])
+    est = C.bootstrap_ci(values, seed=3)
+    assert est == C.bootstrap_ci(values, seed=3)
+    assert est != C.bootstrap_ci(values, seed=4)
+    assert est.low < est.mean < est.high
+    assert (est.n, est.n_nan) == (50, 2)
+    assert est.mean == pytest.approx(np.nanmean(values))
+    wide = C.bootstrap_ci(values, seed=3, level=0.99)
+    assert wide.low <= est.low and wide.high >= est.high
+    assert np.isnan(C.bootstrap_ci([np.nan]).mean) and C.bootstrap_ci([np.nan]).n_nan == 1
+    assert est.to_frame().columns.tolist() == ["mean", "low", "high", "n", "n_nan", "level"]
+
+
+def test_corpus_table_groups_over_utterances(ca, rng):
+    frames = []
+    for u in range(6):
+        sm = rng.random((T, E))
+        sm[0] = 1.0 if u == 0 else sm[0]  # one constant token in utterance 0
+        frames.append(C.compare_maps(ca, sm, special=[False] * T, utterance=f"u{u}"))
+    df = pd.concat(frames, ignore_index=True)
+    table = C.corpus_table(df, seed=1)
+    assert len(table) == L * H + L + 1
+    row = table.set_index("view").loc["L0H0"]
+    assert row["n"] == 6 and row["n_nan"] == 0 and row["n_nan_tokens"] == 1
+    est = C.bootstrap_ci(df.loc[df["view"] == "L0H0", "r"], seed=1)
+    assert row["mean"] == pytest.approx(est.mean) and row["low"] == pytest.approx(est.low)
+    by_kind = C.corpus_table(df, by=["kind"]).set_index("kind")
+    assert by_kind.loc["head", "n"] == 6  # averaged over heads within each utterance
+    heads = df[df["kind"] == "head"].groupby("utterance")["r"].mean()
+    assert by_kind.loc["head", "mean"] == pytest.approx(heads.mean())
+    assert C.corpus_table(df, seed=1).equals(table)
+
+
+def test_spearman_brown_and_disattenuation():
+    from xattn_utils.analysis.compare import disattenuate, spearman_brown
+
+    assert spearman_brown(0.5) == pytest.approx(2 / 3)
+    assert spearman_brown(0.25, factor=4) == pytest.approx(0.5714285714)
+    assert disattenuate(0.3, 0.36) == pytest.approx(0.5)
+    assert np.isnan(disattenuate(0.3, -0.1))
+
+
+def test_split_half_reliability_tracks_noise():
+    from xattn_utils.analysis.compare import reliability
+
+    gen = torch.Generator().manual_seed(0)
+    signal = torch.rand(5, 40, generator=gen)
+    same = reliability(torch.stack([signal, signal]))
+    assert same.half == pytest.approx(1.0) and same.full == pytest.approx(1.0)
+    noise = torch.randn(2, 5, 40, generator=gen)
+    pure = reliability(noise)
+    assert abs(pure.half) < 0.2
+    noisy = reliability(signal + 0.3 * torch.randn(2, 5, 40, generator=gen) / 3**0.5)
+    # var(signal) = 1/12, noise var = 0.03: r_half ~ 0.083 / 0.113 ~ 0.74
+    assert 0.6 < noisy.half < 0.85 and noisy.full > noisy.half
+    sm_x = torch.rand(2, 3, 20, 8, generator=gen)
+    assert reliability(sm_x, special=[True, False, False]).n_tokens == 2

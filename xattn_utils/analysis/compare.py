@@ -1,0 +1,606 @@
+"""Compare cross-attention (CA) with saliency maps: pooling, CA views, correlations, CIs.
+
+Shapes: CA ``(layers, heads, tokens, enc_frames)``, SM_X ``(tokens, mel_frames, mel_bins)``,
+SM_H ``(tokens, enc_frames)``. Inputs may be torch tensors or numpy arrays; maps come back as
+torch tensors, correlations as numpy arrays.
+
+Metric. The study correlates the flattened (tokens x enc_frames) matrices after mean-variance
+normalisation. With per-token z-normalisation that flattened Pearson r equals the mean of the
+per-token correlations, so we compute per-token r, average it per utterance (tokens whose r is
+NaN, e.g. constant rows, are counted in ``n_nan``, never dropped silently) and give a percentile
+bootstrap CI over utterances.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from scipy.stats import rankdata
+
+from xattn_utils.audio import ENC_SUBSAMPLING
+
+# agreement of SM_X estimators with held-out high-mask references (benchmarks/estimators.py)
+REFERENCE_ROOT = Path(__file__).resolve().parents[2] / "data" / "reference"
+
+Array = torch.Tensor | np.ndarray
+Head = tuple[int, int]
+Method = Literal["pearson", "spearman"]
+Pooling = Literal["max", "mean", "sum"]
+_CHUNK = 64  # views correlated at once in compare_maps
+
+
+def _tensor(x: Array) -> torch.Tensor:
+    t = torch.as_tensor(x).detach()
+    return t if t.is_floating_point() else t.float()
+
+
+def _numpy64(x: Array) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu().double().numpy()
+    return np.asarray(x, dtype=np.float64)
+
+
+# -- grids and normalisation --------------------------------------------------------------------
+
+
+def pool_to_enc(
+    sm_x: Array, *, how: Pooling = "max", factor: int = ENC_SUBSAMPLING
+) -> torch.Tensor:
+    """Pool SM_X onto the encoder grid: all mel bins and ``factor`` mel frames per enc frame.
+
+    shape = (tokens, mel_frames, mel_bins) -> (tokens, ceil(mel_frames / factor)). With an odd
+    number of mel frames the last enc frame pools the single leftover frame (``ceil_mode``).
+    """
+    x = _tensor(sm_x)
+    if x.ndim != 3 or x.shape[1] == 0 or factor < 1 or how not in ("max", "mean", "sum"):
+        raise ValueError(
+            f"need SM_X (tokens, mel_frames > 0, mel_bins), factor >= 1 and how max|mean|sum; "
+            f"got {tuple(x.shape)}, {factor}, {how!r}"
+        )
+    n_tok, n_mel, n_bins = x.shape
+    n_enc = math.ceil(n_mel / factor)
+    pad = n_enc * factor - n_mel
+    x = F.pad(x, (0, 0, 0, pad), value=-math.inf if how == "max" else 0.0)
+    blocks = x.reshape(n_tok, n_enc, factor * n_bins)
+    if how == "max":
+        return blocks.amax(-1)
+    total = blocks.sum(-1)
+    if how == "sum":
+        return total
+    count = torch.full((n_enc,), float(factor * n_bins), dtype=x.dtype, device=x.device)
+    count[-1] = (factor - pad) * n_bins
+    return total / count
+
+
+def normalize(
+    map_: Array,
+    *,
+    how: Literal["zscore", "minmax", "zscore_minmax"] = "zscore",
+    axis: int | tuple[int, ...] = -1,
+) -> torch.Tensor:
+    """Normalise a map per token over ``axis`` (use ``(-2, -1)`` for a whole SM_X row).
+
+    ``"zscore"``: mean 0, std 1; ``"minmax"``: into [0, 1]; ``"zscore_minmax"``: the study's
+    plot normalisation (equal to ``"minmax"``, min-max being affine invariant). Constant slices
+    become 0. Pearson r is invariant to all three: this is for plots.
+    """
+    x = _tensor(map_)
+    dims = (axis,) if isinstance(axis, int) else tuple(axis)
+    if how in ("zscore", "zscore_minmax"):
+        centred = x - x.mean(dim=dims, keepdim=True)
+        std = x.std(dim=dims, keepdim=True, correction=0)
+        x = torch.where(std > 0, centred / std.clamp_min(1e-30), torch.zeros_like(x))
+        if how == "zscore":
+            return x
+    elif how != "minmax":
+        raise ValueError(f"how must be 'zscore', 'minmax' or 'zscore_minmax', got {how!r}")
+    low = x.amin(dim=dims, keepdim=True)
+    span = x.amax(dim=dims, keepdim=True) - low
+    return torch.where(span > 0, (x - low) / span.clamp_min(1e-30), torch.zeros_like(x))
+
+
+# -- CA views -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class View:
+    """A named set of (layer, head) pairs whose CA is averaged."""
+
+    name: str
+    kind: str  # head | layer | all | alignment | custom
+    heads: tuple[Head, ...]
+    layer: int | None = None
+    head: int | None = None
+
+
+def view_specs(
+    n_layers: int,
+    n_heads: int,
+    *,
+    alignment_heads: Sequence[Head] | None = None,
+    extra: Mapping[str, Sequence[Head]] | None = None,
+) -> list[View]:
+    """All views: ``"all"``, ``"L{l}"`` per layer, ``"L{l}H{h}"`` per head, alignment, extras."""
+    pairs = [(ly, hd) for ly in range(n_layers) for hd in range(n_heads)]
+    views = [View("all", "all", tuple(pairs))]
+    for ly in range(n_layers):
+        views.append(View(f"L{ly}", "layer", tuple((ly, hd) for hd in range(n_heads)), layer=ly))
+    views += [View(f"L{ly}H{hd}", "head", ((ly, hd),), layer=ly, head=hd) for ly, hd in pairs]
+    if alignment_heads:
+        views.append(View("alignment", "alignment", tuple(map(tuple, alignment_heads))))
+    for name, heads in (extra or {}).items():
+        if any(v.name == name for v in views):
+            raise ValueError(f"custom view name {name!r} clashes with a built-in view")
+        views.append(View(name, "custom", tuple(map(tuple, heads))))
+    for v in views:
+        bad = [p for p in v.heads if not (0 <= p[0] < n_layers and 0 <= p[1] < n_heads)]
+        if bad or not v.heads:
+            raise ValueError(f"view {v.name!r}: empty or out-of-range (layer, head) pairs {bad}")
+    return views
+
+
+def ca_view(ca: Array, heads: Sequence[Head]) -> torch.Tensor:
+    """Plain mean of CA over ``heads``, shape = (tokens, enc_frames)."""
+    x = _tensor(ca)
+    if not heads:
+        raise ValueError("heads is empty")
+    layers, hs = zip(*heads, strict=True)
+    return x[list(layers), list(hs)].mean(0)
+
+
+def ca_views(
+    ca: Array,
+    *,
+    alignment_heads: Sequence[Head] | None = None,
+    extra: Mapping[str, Sequence[Head]] | None = None,
+) -> dict[str, torch.Tensor]:
+    """Every view of CA ``(layers, heads, tokens, enc_frames)``; each (tokens, enc_frames).
+
+    Names: ``"all"``, ``"L{l}"`` (mean over the layer's heads), ``"L{l}H{h}"``, ``"alignment"``
+    (if ``alignment_heads``) and the keys of ``extra``: L*H + L + 1 (+1) (+ len(extra)) views.
+    """
+    x = _tensor(ca)
+    if x.ndim != 4:
+        raise ValueError(f"CA must be (layers, heads, tokens, enc_frames), got {tuple(x.shape)}")
+    specs = view_specs(x.shape[0], x.shape[1], alignment_heads=alignment_heads, extra=extra)
+    return {v.name: ca_view(x, v.heads) for v in specs}
+
+
+# -- correlations -------------------------------------------------------------------------------
+
+
+def token_correlations(a: Array, b: Array, *, method: Method = "pearson") -> np.ndarray:
+    """Correlation of each row of ``a`` with the row of ``b`` over the last axis (frames).
+
+    shape = (..., tokens, frames) x (tokens, frames) -> (..., tokens) (numpy broadcasting).
+    Spearman ranks with average ties. A row where either side is constant (or holds NaN)
+    gives NaN, without warnings.
+    """
+    x, y = _numpy64(a), _numpy64(b)
+    if x.shape[-1] < 2 or x.shape[-1] != y.shape[-1]:
+        raise ValueError(f"need equal frame counts >= 2, got {x.shape} and {y.shape}")
+    if method == "spearman":
+        x, y = rankdata(x, axis=-1), rankdata(y, axis=-1)
+    elif method != "pearson":
+        raise ValueError(f"method must be 'pearson' or 'spearman', got {method!r}")
+    constant = np.logical_or(x.max(-1) == x.min(-1), y.max(-1) == y.min(-1))
+    xc = x - x.mean(-1, keepdims=True)
+    yc = y - y.mean(-1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        r = (xc * yc).sum(-1) / np.sqrt((xc * xc).sum(-1) * (yc * yc).sum(-1))
+    r = np.clip(r, -1.0, 1.0)
+    r[constant] = np.nan
+    return r
+
+
+@dataclass(frozen=True)
+class UtteranceScore:
+    """Mean per-token r of one utterance: ``n_tokens`` averaged, ``n_nan`` kept but NaN."""
+
+    mean: float
+    n_tokens: int
+    n_nan: int
+    method: str = "pearson"
+
+    def to_frame(self) -> pd.DataFrame:
+        return pd.DataFrame([asdict(self)])
+
+
+def _summarise(r: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(..., tokens) -> mean over finite tokens, count of finite, count of NaN."""
+    finite = np.isfinite(r)
+    n = finite.sum(-1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = np.where(finite, r, 0.0).sum(-1) / n
+    return mean, n, (~finite).sum(-1)
+
+
+def utterance_score(
+    a: Array, b: Array, *, method: Method = "pearson", keep: Sequence[bool] | None = None
+) -> UtteranceScore:
+    """Mean per-token correlation of two (tokens, enc_frames) maps over the ``keep`` tokens."""
+    r = token_correlations(a, b, method=method)
+    if keep is not None:
+        mask = np.asarray(keep, dtype=bool)
+        if mask.shape != r.shape:
+            raise ValueError(f"keep has shape {mask.shape}, expected {r.shape}")
+        r = r[mask]
+    mean, n, n_nan = _summarise(r)
+    return UtteranceScore(float(mean), int(n), int(n_nan), method)
+
+
+# -- one utterance, many views ------------------------------------------------------------------
+
+
+def _prepare(
+    ca: Array, sm: Array, special: Sequence[bool], include_special: bool, pooling: Pooling
+) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """Pool SM_X if needed, keep the non-special tokens, crop both to the shorter time axis."""
+    x, s = _tensor(ca), _tensor(sm)
+    if x.ndim != 4:
+        raise ValueError(f"CA must be (layers, heads, tokens, enc_frames), got {tuple(x.shape)}")
+    if s.ndim == 3:
+        s, name = pool_to_enc(s, how=pooling), "SM_X"
+    elif s.ndim == 2:
+        name = "SM_H"
+    else:
+        raise ValueError(f"sm must be SM_H (2-D) or SM_X (3-D), got {tuple(s.shape)}")
+    mask = torch.as_tensor(np.asarray(special, dtype=bool))
+    if not (x.shape[2] == s.shape[0] == mask.numel()):
+        raise ValueError(
+            f"token counts differ: CA {x.shape[2]}, sm {s.shape[0]}, special {len(mask)}"
+        )
+    if not include_special:
+        x, s = x[:, :, ~mask], s[~mask]
+    n = min(x.shape[-1], s.shape[-1])
+    return x[..., :n], s[:, :n].to(x.device), name
+
+
+def _frame(
+    stacks: list[torch.Tensor], sm: torch.Tensor, method: Method, labels: dict
+) -> pd.DataFrame:
+    """Tidy rows: ``labels`` columns, then mean r, n_tokens and n_nan of each stacked view."""
+    r = np.concatenate([token_correlations(st, sm, method=method) for st in stacks])
+    mean, n, n_nan = _summarise(r)  # r: (views, tokens)
+    return pd.DataFrame({**labels, "method": method, "r": mean, "n_tokens": n, "n_nan": n_nan})
+
+
+def compare_maps(
+    ca: Array,
+    sm: Array,
+    *,
+    special: Sequence[bool],
+    alignment_heads: Sequence[Head] | None = None,
+    extra: Mapping[str, Sequence[Head]] | None = None,
+    views: Sequence[str] | None = None,
+    method: Method = "pearson",
+    include_special: bool = False,
+    pooling: Pooling = "max",
+    map_name: str | None = None,
+    utterance: str | None = None,
+) -> pd.DataFrame:
+    """Correlate every CA view with one saliency map of one utterance.
+
+    ``sm`` is SM_H (tokens, enc_frames) or SM_X (tokens, mel_frames, mel_bins), pooled onto
+    the encoder grid with ``pooling``. Token counts must match; both maps are cropped to the
+    shorter time axis (CA is often 1500 enc frames, saliency only the audio's). ``special``
+    marks prompt tokens, left out unless ``include_special``. ``views`` picks view names
+    (default all, see :func:`ca_views`). One tidy row per view: ``utterance, map_name, view,
+    kind, layer, head, method, r, n_tokens, n_nan``.
+    """
+    x, s, default_name = _prepare(ca, sm, special, include_special, pooling)
+    specs = view_specs(x.shape[0], x.shape[1], alignment_heads=alignment_heads, extra=extra)
+    if views is not None:
+        by_name = {v.name: v for v in specs}
+        missing = [n for n in views if n not in by_name]
+        if missing:
+            raise ValueError(f"unknown views {missing}; e.g. 'all', 'L0', 'L0H0', 'alignment'")
+        specs = [by_name[n] for n in views]
+    if not specs:
+        raise ValueError("views is empty")
+    chunks = [specs[i : i + _CHUNK] for i in range(0, len(specs), _CHUNK)]
+    stacks = [torch.stack([ca_view(x, v.heads) for v in chunk]) for chunk in chunks]
+    labels = {
+        "utterance": utterance,
+        "map_name": map_name or default_name,
+        "view": [v.name for v in specs],
+        "kind": [v.kind for v in specs],
+        "layer": pd.array([v.layer for v in specs], dtype="Int64"),
+        "head": pd.array([v.head for v in specs], dtype="Int64"),
+    }
+    return _frame(stacks, s, method, labels)
+
+
+def cumulative_layers(
+    ca: Array,
+    sm: Array,
+    *,
+    special: Sequence[bool],
+    from_top: bool = False,
+    method: Method = "pearson",
+    include_special: bool = False,
+    pooling: Pooling = "max",
+    map_name: str | None = None,
+    utterance: str | None = None,
+) -> pd.DataFrame:
+    """r of CA averaged over layers 0..k for each k (``from_top``: layers k..L-1), plus "all".
+
+    Same inputs and cropping as :func:`compare_maps`. Rows: ``view`` ("L0-L3"), ``kind``
+    ("cumulative" or "all"), ``first_layer, last_layer, n_layers, r, n_tokens, n_nan``. The
+    deepest cumulative row equals "all" (every layer has the same number of heads).
+    """
+    x, s, default_name = _prepare(ca, sm, special, include_special, pooling)
+    n_layers = x.shape[0]
+    layer_means = x.mean(1)
+    if from_top:
+        layer_means = layer_means.flip(0)
+    counts = torch.arange(1, n_layers + 1, dtype=x.dtype, device=x.device).view(-1, 1, 1)
+    stack = torch.cat([layer_means.cumsum(0) / counts, x.mean((0, 1))[None]])
+    spans = [(n_layers - 1 - k, n_layers - 1) if from_top else (0, k) for k in range(n_layers)]
+    spans.append((0, n_layers - 1))
+    labels = {
+        "utterance": utterance,
+        "map_name": map_name or default_name,
+        "view": [f"L{a}-L{b}" for a, b in spans[:-1]] + ["all"],
+        "kind": ["cumulative"] * n_layers + ["all"],
+        "first_layer": [a for a, _ in spans],
+        "last_layer": [b for _, b in spans],
+        "n_layers": [b - a + 1 for a, b in spans],
+    }
+    return _frame([stack], s, method, labels)
+
+
+# -- corpus level -------------------------------------------------------------------------------
+
+
+_DEFAULT_BY = ("map_name", "kind", "view", "layer", "head")
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """Mean over ``n`` finite values with a percentile bootstrap CI; ``n_nan`` were left out."""
+
+    mean: float
+    low: float
+    high: float
+    n: int
+    n_nan: int
+    level: float = 0.95
+
+    def to_frame(self) -> pd.DataFrame:
+        return pd.DataFrame([asdict(self)])
+
+
+def bootstrap_ci(
+    values: Sequence[float] | Array, *, n_boot: int = 2000, level: float = 0.95, seed: int = 0
+) -> Estimate:
+    """Percentile bootstrap CI of the mean, resampling the finite ``values`` (utterances)."""
+    v = _numpy64(values).ravel()
+    finite = v[np.isfinite(v)]
+    n, n_nan = finite.size, v.size - finite.size
+    if n == 0:
+        return Estimate(math.nan, math.nan, math.nan, 0, n_nan, level)
+    rng = np.random.default_rng(seed)
+    means = finite[rng.integers(0, n, size=(n_boot, n))].mean(1)
+    alpha = (1.0 - level) / 2
+    low, high = np.quantile(means, [alpha, 1.0 - alpha])
+    return Estimate(float(finite.mean()), float(low), float(high), n, n_nan, level)
+
+
+def corpus_table(
+    df: pd.DataFrame,
+    *,
+    by: Sequence[str] = _DEFAULT_BY,
+    value: str = "r",
+    n_boot: int = 2000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> pd.DataFrame:
+    """Mean, bootstrap CI, ``n`` and ``n_nan`` of ``value`` per group, resampling utterances.
+
+    ``by`` defaults to those of ``map_name, kind, view, layer, head`` that ``df`` has. With a
+    fully filled ``utterance`` column, rows are first averaged per utterance within a group
+    (skipping NaN), so ``by=["kind"]`` resamples utterances, not heads; otherwise each row is
+    one utterance. ``n_tokens`` and ``n_nan_tokens`` sum the rows' token counts when present.
+    """
+    by = [c for c in by if c in df.columns] if tuple(by) == _DEFAULT_BY else list(by)
+    units = "utterance" in df.columns and df["utterance"].notna().all()
+    rows = []
+    for group, g in df.groupby(by, sort=False, dropna=False):
+        vals = g.groupby("utterance", sort=False)[value].mean() if units else g[value]
+        row = dict(zip(by, group, strict=True))
+        row.update(asdict(bootstrap_ci(vals.to_numpy(), n_boot=n_boot, level=level, seed=seed)))
+        if "n_tokens" in g:
+            row["n_tokens"] = int(g["n_tokens"].sum())
+        if "n_nan" in g:
+            row["n_nan_tokens"] = int(g["n_nan"].sum())
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+# -- reliability of Monte Carlo maps ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Reliability:
+    """Split-half reliability of a perturbation map.
+
+    ``half``: mean per-token correlation between the maps of two disjoint halves of the masks
+    (after the same pooling the comparison uses); ``full``: its Spearman-Brown extrapolation to
+    all the masks, ``2 r / (1 + r)``.
+    """
+
+    half: float
+    full: float
+    n_tokens: int
+    n_nan: int
+
+    def to_frame(self) -> pd.DataFrame:
+        return pd.DataFrame([asdict(self)])
+
+
+def spearman_brown(r: float, factor: float = 2.0) -> float:
+    """Reliability of a map from ``factor`` times as many masks: ``k r / (1 + (k - 1) r)``."""
+    return factor * r / (1 + (factor - 1) * r) if np.isfinite(r) and r > -1 / factor else math.nan
+
+
+def reliability(
+    folds: Array,
+    *,
+    special: Sequence[bool] | None = None,
+    include_special: bool = False,
+    pooling: Pooling = "max",
+    method: Method = "pearson",
+) -> Reliability:
+    """Split-half reliability of a map from its two fold maps, shape = (2, tokens, ...): SM_H
+    folds (2, tokens, enc_frames) or SM_X folds (2, tokens, mel_frames, mel_bins), pooled."""
+    f = _tensor(folds)
+    if f.shape[0] != 2:
+        raise ValueError(f"expected 2 folds, got shape {tuple(f.shape)}")
+    a, b = (pool_to_enc(x, how=pooling) if x.ndim == 3 else x for x in f)
+    keep = None if special is None or include_special else [not s for s in special]
+    score = utterance_score(a, b, method=method, keep=keep)
+    return Reliability(
+        half=score.mean,
+        full=spearman_brown(score.mean),
+        n_tokens=score.n_tokens,
+        n_nan=score.n_nan,
+    )
+
+
+def disattenuate(r: float | np.ndarray, reliability_full: float) -> float | np.ndarray:
+    """Spearman's correction for attenuation of a correlation with a noisy map: ``r /
+    sqrt(reliability)`` (CA is deterministic, so only the map's reliability enters). NaN when the
+    reliability is not positive: the map holds no measurable signal."""
+    if not np.isfinite(reliability_full) or reliability_full <= 0:
+        return np.full_like(np.asarray(r, dtype=float), np.nan)
+    return np.asarray(r, dtype=float) / math.sqrt(min(reliability_full, 1.0))
+
+
+def disattenuated_ci(
+    r: Sequence[float] | Array,
+    reliability_full: Sequence[float] | Array,
+    *,
+    n_boot: int = 2000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> Estimate:
+    """Mean r over utterances corrected by their mean reliability (:func:`disattenuate`), with a
+    percentile bootstrap CI that resamples utterances, r and reliability together. Utterances
+    where either is NaN are left out; NaN where the mean reliability is not positive."""
+    a, b = _numpy64(r).ravel(), _numpy64(reliability_full).ravel()
+    ok = np.isfinite(a) & np.isfinite(b)
+    a, b, n, n_nan = a[ok], b[ok], int(ok.sum()), int((~ok).sum())
+    if n == 0:
+        return Estimate(math.nan, math.nan, math.nan, 0, n_nan, level)
+    idx = np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
+    rel = b[idx].mean(1)
+    boot = np.where(rel > 0, a[idx].mean(1) / np.sqrt(np.clip(rel, 1e-12, 1.0)), np.nan)
+    alpha = (1.0 - level) / 2
+    low, high = (np.quantile(boot[np.isfinite(boot)], [alpha, 1.0 - alpha])
+                 if np.isfinite(boot).any() else (math.nan, math.nan))  # fmt: skip
+    mean = float(disattenuate(a.mean(), float(b.mean())))
+    return Estimate(mean, float(low), float(high), n, n_nan, level)
+
+
+def corrected_summary(
+    per_utterance: pd.DataFrame, by: Sequence[str], *, n_boot: int = 2000, seed: int = 0
+) -> pd.DataFrame:
+    """Per ``by`` group of a per-utterance frame with ``r`` and ``reliability``: the mean r and
+    r corrected for attenuation (:func:`disattenuated_ci`), each with a 95% bootstrap CI over
+    utterances (``r_low``, ``r_high``, ``r_corrected_low``, ``r_corrected_high``), the mean
+    reliability and ``n``. Rows without r are left out."""
+    rows = []
+    for key, g in per_utterance.dropna(subset=["r"]).groupby(list(by), sort=False):
+        key = key if isinstance(key, tuple) else (key,)
+        obs = bootstrap_ci(g["r"], n_boot=n_boot, seed=seed)
+        cor = disattenuated_ci(g["r"], g["reliability"], n_boot=n_boot, seed=seed)
+        rows.append(dict(zip(by, key, strict=True)) | {
+            "r": obs.mean, "r_low": obs.low, "r_high": obs.high,
+            "reliability": float(g["reliability"].mean()), "r_corrected": cor.mean,
+            "r_corrected_low": cor.low, "r_corrected_high": cor.high, "n": obs.n,
+        })  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def reference_reliability(model: str, estimator: str, n_masks: int) -> float | None:
+    """The reliability of ``estimator``'s pooled SM_X map from ``n_masks`` masks as measured
+    against held-out high-mask references (``data/reference/<model>/agreement.json``, written
+    by ``benchmarks/estimators.py``): the squared reliability-corrected correlation with the
+    reference, interpolated in log mask count. ``None`` where the model has no references or
+    the count lies outside the measured range. For a regularised estimator this, not the
+    split-half figure, is its reliability (shrinkage makes halves agree)."""
+    path = REFERENCE_ROOT / model / "agreement.json"
+    if not path.exists():
+        return None
+    table = json.loads(path.read_text()).get("agreement", {}).get(estimator)
+    if not table:
+        return None
+    counts = sorted(int(n) for n in table)
+    if not counts[0] <= n_masks <= counts[-1]:
+        return None
+    r = np.interp(np.log(n_masks), np.log(counts), [table[str(n)]["r_corrected"] for n in counts])
+    return float(np.clip(r, 0.0, 1.0) ** 2)
+
+
+# -- CA views that account for the encoder (value norms, context mixing) -----------------------
+
+
+def norm_weighted(ca: Array, value_norms: Array) -> torch.Tensor:
+    """CA weighted by the norm of the transformed values, ``||alpha_ij f_h(x_j)||`` per head
+    (Kobayashi et al., EMNLP 2020): CA (layers, heads, tokens, enc_frames) times ``value_norms``
+    (layers, heads, enc_frames), both cropped to the shorter time axis. Same shape as CA."""
+    x, v = _tensor(ca), _tensor(value_norms).to(_tensor(ca).device)
+    if x.ndim != 4 or v.ndim != 3 or x.shape[:2] != v.shape[:2]:
+        raise ValueError(
+            f"need CA (layers, heads, tokens, enc_frames) and value norms (layers, heads, "
+            f"enc_frames) with the same layers and heads, got {tuple(x.shape)}, {tuple(v.shape)}"
+        )
+    n = min(x.shape[-1], v.shape[-1])
+    return x[..., :n] * v[:, :, None, :n]
+
+
+def propagate(ca: Array, mixing: Array, *, padding_block: bool = False) -> torch.Tensor:
+    """A map on the encoder output carried to the encoder's input side: ``ca @ mixing``.
+
+    ``ca`` shape = (..., tokens, enc_frames) with ``S`` frames; ``mixing`` (rows = output frame,
+    columns = input frame) shape = (S, S), or (S + 1, S + 1) with ``padding_block``: then the
+    map's mass beyond the speech (``1 - row sum``, CA rows summing to 1 over all 1500 frames)
+    enters through the block's row and the block's column is dropped. Returns (..., tokens, S).
+    """
+    x, m = _tensor(ca), _tensor(mixing).to(_tensor(ca).device, _tensor(ca).dtype)
+    s = x.shape[-1]
+    if m.ndim != 2 or m.shape[0] != m.shape[1] or m.shape[0] != s + int(padding_block):
+        raise ValueError(
+            f"mixing must be square with {s + int(padding_block)} rows for a map with {s} "
+            f"frames (padding_block={padding_block}), got {tuple(m.shape)}"
+        )
+    if padding_block:
+        x = torch.cat([x, (1 - x.sum(-1, keepdim=True)).clamp_min(0)], dim=-1)
+    return (x @ m)[..., :s]
+
+
+def map_reliability(explanation, map_name: str) -> tuple[float, str]:
+    """(reliability of all masks, its source) of an explanation's ``"SM_X"`` or ``"SM_H"``: the
+    split-half figure (:func:`reliability`), except for an SM_X map from a regularised
+    estimator (``params["estimator"]`` other than ``"mean"``), whose reliability is its
+    measured agreement with held-out references (:func:`reference_reliability`; NaN where none
+    was measured), since shrinkage makes halves agree. NaN without folds (gradients)."""
+    e = explanation
+    folds = e.input_saliency_folds if map_name == "SM_X" else e.encoder_saliency_folds
+    if folds is None:
+        return math.nan, "none"
+    estimator = e.params.get("estimator", "mean")
+    if map_name == "SM_X" and estimator != "mean":
+        ref = reference_reliability(e.model, estimator, int(e.params["n_masks"]))
+        return (math.nan if ref is None else ref), "held-out reference"
+    return reliability(folds, special=e.special).full, "split-half"

@@ -1,0 +1,1 @@
+"""maps: see xattn_utils/__init__.py and the README's module map."""

@@ -1,0 +1,1 @@
+"""viz: see xattn_utils/__init__.py and the README's module map."""

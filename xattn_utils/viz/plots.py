@@ -1,0 +1,550 @@
+"""Figures of cross-attention (CA) and saliency: ``plot_*(result, *, ax=None, **style) -> Axes``.
+
+Every function draws on ``ax`` (a new figure when ``None``), returns the Axes and never calls
+``plt.show()``. Inputs are result objects: an :class:`~xattn_utils.maps.explanation.Explanation`, or
+the tidy DataFrames of :mod:`xattn_utils.analysis.compare` (``compare_maps``, ``cumulative_layers``,
+``corpus_table``). Time axes are in seconds, spectrogram rows in mel bins. Call
+:func:`set_theme` once per notebook.
+
+Map names: ``"CA"`` (a CA view: ``"all"``, ``"L3"``, ``"L3H2"``, ``"alignment"`` or a
+``(layer, head)`` pair), ``"SM_H"`` (encoder-output saliency) and ``"SM_X"`` (input saliency,
+max-pooled onto the encoder grid where a (tokens, time) map is drawn).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import seaborn as sns
+from matplotlib.axes import Axes
+from matplotlib.patches import Rectangle
+
+from ..analysis.compare import ca_view, normalize, pool_to_enc, view_specs
+
+if TYPE_CHECKING:  # no model code at import time
+    from ..analysis.mixing import EncoderMixing
+    from ..maps.explanation import Explanation
+
+MAPS = ("CA", "SM_H", "SM_X")
+_COLORS = {"CA": "#1f77b4", "SM_H": "#2ca02c", "SM_X": "#d62728"}
+_KIND_ORDER = ("head", "layer", "alignment", "all", "custom", "cumulative")
+
+
+def set_theme(**rc) -> None:
+    """The one seaborn theme of xattn's figures (``rc`` overrides matplotlib settings)."""
+    sns.set_theme(
+        context="notebook",
+        style="whitegrid",
+        rc={"figure.figsize": (9, 4), "figure.dpi": 100, "axes.titlesize": "medium", **rc},
+    )
+
+
+def _axes(ax: Axes | None, figsize: tuple[float, float] | None = None) -> Axes:
+    if ax is not None:
+        return ax
+    return plt.subplots(figsize=figsize, layout="constrained")[1]
+
+
+def heads_of(explanation: Explanation, view: str | tuple[int, int] = "all") -> list:
+    """The (layer, head) pairs of a CA view name (see
+    :func:`xattn_utils.analysis.compare.ca_views`)."""
+    if isinstance(view, tuple | list):
+        return [tuple(view)]
+    n_layers, n_heads = explanation.cross_attention.shape[:2]
+    specs = view_specs(n_layers, n_heads, alignment_heads=explanation.alignment_heads)
+    by_name = {v.name: v.heads for v in specs}
+    if view not in by_name:
+        raise ValueError(f"unknown CA view {view!r}: use 'all', 'L0', 'L0H0' or 'alignment'")
+    return list(by_name[view])
+
+
+def view_label(view: str | tuple[int, int]) -> str:
+    """Readable name of a CA view: ``"all"`` -> ``"CA, mean of all heads"``."""
+    if isinstance(view, tuple | list):
+        return f"CA, layer {view[0]} head {view[1]}"
+    if view == "all":
+        return "CA, mean of all heads"
+    if view == "alignment":
+        return "CA, alignment heads"
+    if view.startswith("L") and "H" in view:
+        layer, head = view[1:].split("H")
+        return f"CA, layer {layer} head {head}"
+    if view.startswith("L"):
+        return f"CA, layer {view[1:]} (mean of heads)"
+    return f"CA, {view}"
+
+
+def token_map(
+    explanation: Explanation, which: str = "CA", *, view: str | tuple[int, int] = "all"
+) -> np.ndarray:
+    """A (tokens, enc_frames) map of one utterance: a CA view, SM_H or SM_X pooled (max)."""
+    if which == "CA":
+        m = ca_view(explanation.cross_attention, heads_of(explanation, view))
+    elif which == "SM_H":
+        m = explanation.encoder_saliency
+    elif which == "SM_X":
+        m = pool_to_enc(explanation.input_saliency)
+    else:
+        raise ValueError(f"which must be one of {MAPS}, got {which!r}")
+    return m.float().cpu().numpy()
+
+
+def _label(which: str, view) -> str:
+    return (
+        view_label(view) if which == "CA" else {"SM_H": "SM_H", "SM_X": "SM_X (max-pooled)"}[which]
+    )
+
+
+def default_token(explanation: Explanation) -> int:
+    """The text token in the middle of the utterance (row index), shown when none is picked."""
+    text = [i for i, special in enumerate(explanation.special) if not special]
+    return text[len(text) // 2] if text else 0
+
+
+def plot_spectrogram(
+    explanation: Explanation,
+    spectrogram: np.ndarray | None = None,
+    *,
+    token: int | None = None,
+    overlays: tuple[str, ...] = ("SM_X", "CA", "SM_H"),
+    view: str | tuple[int, int] = "all",
+    ax: Axes | None = None,
+    top: float = 0.2,
+    cmap: str = "gray_r",
+    sm_cmap: str = "autumn",
+    alpha: float = 0.55,
+) -> Axes:
+    """Log-mel spectrogram of one utterance with one token's maps drawn over it.
+
+    ``spectrogram``: shape = (mel_frames, mel_bins) (see :func:`xattn_utils.report.spectrogram`);
+    without it SM_X is drawn alone. ``token``: row index (default: :func:`default_token`).
+    ``"SM_X"`` is shown at full resolution: the ``top`` share of its cells (per-token min-max)
+    in colour; ``"CA"`` (the ``view``) and ``"SM_H"`` are curves over time, min-max scaled to
+    the height of the plot.
+    """
+    ax = _axes(ax, (10, 3.5))
+    token = default_token(explanation) if token is None else token
+    sm_x = explanation.input_saliency[token].float().cpu().numpy()  # (mel_frames, mel_bins)
+    n_mel, n_bins = sm_x.shape
+    seconds = n_mel * explanation.mel_frame_seconds
+    extent = (0.0, seconds, 0, n_bins)
+    if spectrogram is not None:
+        spec = np.asarray(spectrogram)[:n_mel]
+        ax.imshow(spec.T, origin="lower", aspect="auto", extent=extent, cmap=cmap)
+    if "SM_X" in overlays:
+        m = normalize(sm_x, how="minmax", axis=(0, 1)).numpy()
+        cut = np.quantile(m, 1 - top) if spectrogram is not None else -np.inf
+        shown = np.ma.masked_less(m, cut)
+        ax.imshow(
+            shown.T,
+            origin="lower",
+            aspect="auto",
+            extent=extent,
+            cmap=sm_cmap if spectrogram is not None else "magma",
+            alpha=alpha if spectrogram is not None else 1.0,
+            interpolation="nearest",
+        )
+    for which in ("CA", "SM_H"):
+        if which not in overlays:
+            continue
+        curve = normalize(token_map(explanation, which, view=view)[token], how="minmax").numpy()
+        t = (np.arange(curve.size) + 0.5) * explanation.enc_frame_seconds
+        ax.plot(t, curve * (n_bins - 1), color=_COLORS[which], lw=1.6, label=_label(which, view))
+    if any(w in overlays for w in ("CA", "SM_H")):
+        ax.legend(loc="upper right", fontsize="small", title="curves: min-max to plot height")
+    ax.set(xlim=(0, seconds), ylim=(0, n_bins), xlabel="time (s)", ylabel="mel bin")
+    ax.grid(False)
+    shown_as = " + ".join(overlays) if overlays else "spectrogram"
+    ax.set_title(
+        f"{explanation.utterance or 'utterance'}: token {token} "
+        f"{explanation.tokens[token]!r} ({shown_as})"
+    )
+    return ax
+
+
+def plot_token_map(
+    explanation: Explanation,
+    which: str = "CA",
+    *,
+    view: str | tuple[int, int] = "all",
+    include_special: bool = False,
+    highlight: int | None = None,
+    ax: Axes | None = None,
+    cmap: str = "viridis",
+) -> Axes:
+    """Tokens x time heatmap of a CA view, SM_H or pooled SM_X; each row min-max scaled.
+
+    Rows are output tokens (special tokens left out unless ``include_special``); columns are
+    encoder frames, labelled in seconds. ``highlight`` outlines one token row.
+    """
+    m = normalize(token_map(explanation, which, view=view), how="minmax").numpy()
+    rows = [i for i, s in enumerate(explanation.special) if include_special or not s]
+    n_tok = len(rows)
+    ax = _axes(ax, (9, 0.8 + 0.25 * n_tok))
+    seconds = m.shape[1] * explanation.enc_frame_seconds
+    image = ax.imshow(
+        m[rows],
+        aspect="auto",
+        cmap=cmap,
+        extent=(0, seconds, n_tok - 0.5, -0.5),
+        interpolation="nearest",
+        vmin=0,
+        vmax=1,
+    )
+    ax.set_yticks(range(n_tok), [explanation.tokens[i] for i in rows], fontsize="small")
+    if highlight is not None and highlight in rows:
+        y = rows.index(highlight)
+        ax.add_patch(Rectangle((0, y - 0.5), seconds, 1, fill=False, ec="white", lw=1.5))
+    ax.set(xlabel="time (s)", ylabel="output token", title=_label(which, view))
+    ax.grid(False)
+    ax.figure.colorbar(image, ax=ax, label="per-token min-max", fraction=0.04, pad=0.01)
+    return ax
+
+
+def plot_head_heatmap(
+    table: pd.DataFrame,
+    *,
+    map_name: str | None = None,
+    alignment_heads: tuple[tuple[int, int], ...] | list = (),
+    ax: Axes | None = None,
+    cmap: str = "vlag",
+) -> Axes:
+    """Layer x head heatmap of per-head correlations; alignment heads outlined in black.
+
+    ``table``: rows of ``kind == "head"`` from :func:`~xattn_utils.analysis.compare.compare_maps`
+    (column ``r``, averaged over utterances if several) or
+    :func:`~xattn_utils.analysis.compare.corpus_table` (column ``mean``). ``map_name`` picks "SM_X"
+    or "SM_H" when the table holds both.
+    """
+    heads = table[table["kind"] == "head"]
+    if map_name is not None:
+        heads = heads[heads["map_name"] == map_name]
+    if heads.empty:
+        raise ValueError("the table has no per-head rows (kind == 'head')")
+    value = "mean" if "mean" in heads.columns else "r"
+    grid = heads.groupby(["layer", "head"])[value].mean().unstack("head").sort_index()
+    ax = _axes(ax, (1.2 + 0.7 * grid.shape[1], 0.9 + 0.55 * grid.shape[0]))
+    limit = max(float(np.nanmax(np.abs(grid.to_numpy()))), 1e-6)
+    sns.heatmap(
+        grid,
+        ax=ax,
+        cmap=cmap,
+        center=0,
+        vmin=-limit,
+        vmax=limit,
+        annot=True,
+        fmt=".2f",
+        annot_kws={"fontsize": "x-small"},
+        cbar_kws={"label": "Pearson r"},
+        linewidths=0.5,
+    )
+    layers, cols = list(grid.index), list(grid.columns)
+    for layer, head in alignment_heads:
+        if layer in layers and head in cols:
+            ax.add_patch(
+                Rectangle(
+                    (cols.index(head), layers.index(layer)), 1, 1, fill=False, ec="black", lw=2.2
+                )
+            )
+    what = f"CA vs {map_name}" if map_name else "CA vs saliency"
+    note = "\n(outlined: alignment heads)" if len(alignment_heads) else ""
+    ax.set(xlabel="head", ylabel="decoder layer", title=f"{what}, Pearson r per head{note}")
+    return ax
+
+
+def plot_correlations(
+    summary: pd.DataFrame,
+    *,
+    x: str = "kind",
+    hue: str | None = "map_name",
+    ax: Axes | None = None,
+    order: list | None = None,
+    ylabel: str = "Pearson r (mean over utterances)",
+) -> Axes:
+    """Point plot of mean correlations with their 95% CIs (columns ``mean``, ``low``, ``high``).
+
+    ``summary`` is a :func:`~xattn_utils.analysis.compare.corpus_table` (one row per ``x`` and
+    ``hue`` value). Kinds are ordered head, layer, alignment, all.
+    """
+    ax = _axes(ax, (7, 3.8))
+    data = summary.copy()
+    data[x] = data[x].astype(str)
+    if order is None:  # kinds in _KIND_ORDER, anything else as it comes with "all" last
+        seen = list(dict.fromkeys(data[x]))
+        rank = {k: i for i, k in enumerate(_KIND_ORDER)} if x == "kind" else {"all": 1}
+        order = sorted(seen, key=lambda k: rank.get(k, 0 if x != "kind" else 99))
+    keys = [x, hue] if hue else [x]
+    if data.duplicated(keys).any():
+        raise ValueError(f"several rows per {keys}: filter the table or pass another hue")
+    groups = list(dict.fromkeys(data[hue])) if hue else [None]
+    width = 0.6 / max(len(groups), 1)
+    palette = sns.color_palette(n_colors=max(len(groups), 1))
+    for g, (group, color) in enumerate(zip(groups, palette, strict=True)):
+        sub = data if group is None else data[data[hue] == group]
+        sub = sub.set_index(x).reindex(order)
+        pos = np.arange(len(order)) + (g - (len(groups) - 1) / 2) * width
+        mean, low, high = (sub[c].to_numpy(dtype=float) for c in ("mean", "low", "high"))
+        ax.errorbar(
+            pos,
+            mean,
+            yerr=[mean - low, high - mean],
+            fmt="o",
+            color=color,
+            capsize=4,
+            label=None if group is None else _pretty(group),
+            ms=7,
+        )
+    ax.axhline(0, color="0.5", lw=0.8)
+    labels = [_pretty(o) for o in order]
+    widest = max((len(line) for label in labels for line in label.split("\n")), default=0)
+    crowded = widest * len(labels) > 70
+    ax.set_xticks(range(len(order)), labels, rotation=90 if crowded else 0)
+    ax.set(xlabel="", ylabel=ylabel, title="Correlation with saliency (95% bootstrap CI)")
+    if hue:
+        ax.legend(title=_pretty(hue), fontsize="small", loc="upper left", bbox_to_anchor=(1, 1))
+    return ax
+
+
+def _pretty(name) -> str:
+    names = {
+        "head": "single head",
+        "layer": "one layer",
+        "all": "all heads",
+        "alignment": "alignment heads",
+        "SM_X": "CA vs SM_X",
+        "SM_H": "CA vs SM_H",
+        "map_name": "",
+        "comparison": "",
+    }
+    return names.get(str(name), str(name))
+
+
+def plot_cumulative(table: pd.DataFrame, *, hue: str = "map_name", ax: Axes | None = None) -> Axes:
+    """Correlation of CA averaged over the first k decoder layers, against k.
+
+    ``table``: :func:`~xattn_utils.analysis.compare.cumulative_layers` rows (column ``r``, one per
+    utterance: seaborn draws the mean and a 95% bootstrap CI) or their
+    :func:`~xattn_utils.analysis.compare.corpus_table` (``mean``, ``low``, ``high``) with
+    ``n_layers``.
+    """
+    ax = _axes(ax, (6, 3.8))
+    data = table[table["kind"] == "cumulative"] if "kind" in table.columns else table
+    if "mean" in data.columns:
+        for (group, sub), color in zip(
+            data.groupby(hue, sort=False), sns.color_palette(), strict=False
+        ):
+            sub = sub.sort_values("n_layers")
+            ax.plot(sub["n_layers"], sub["mean"], "o-", color=color, label=_pretty(group))
+            ax.fill_between(sub["n_layers"], sub["low"], sub["high"], color=color, alpha=0.2)
+    else:
+        sns.lineplot(
+            data.assign(**{hue: data[hue].map(_pretty)}),
+            x="n_layers",
+            y="r",
+            hue=hue,
+            marker="o",
+            errorbar=("ci", 95),
+            ax=ax,
+            seed=0,
+        )
+    ax.set_xticks(sorted(data["n_layers"].unique()))
+    ax.set(
+        xlabel="decoder layers averaged (from layer 0)",
+        ylabel="Pearson r (mean over utterances)",
+        title="Cumulative layer aggregation (95% CI)",
+    )
+    ax.legend(title="", fontsize="small")
+    return ax
+
+
+def plot_timing_errors(
+    table: pd.DataFrame,
+    *,
+    metric: str | None = None,
+    x: str = "map",
+    hue: str | None = "subset",
+    tolerances_ms: tuple[float, ...] = (50, 100),
+    ax: Axes | None = None,
+) -> Axes:
+    """Word timestamps against gold, per map (``x``) and ``hue``.
+
+    ``metric=None``: ``table`` is :func:`~xattn_utils.analysis.timestamps.boundary_errors` (one row
+    per boundary): box plots of the signed errors (predicted minus gold, ms; > 0 late; whiskers 1.5
+    IQR, outliers not drawn) over shaded bands of +-``tolerances_ms``. ``metric`` (e.g.
+    ``"within_100ms"``, ``"mae_ms"``): ``table`` is a
+    :func:`~xattn_utils.analysis.timestamps.timing_summary`; its means with their 95% CIs.
+    """
+    data = table if metric is None else table[table["metric"] == metric]
+    order = list(dict.fromkeys(data[x])) if len(data) else []
+    groups = list(dict.fromkeys(data[hue])) if hue and len(data) else [None]
+    if metric is not None:
+        ax = _axes(ax, (7, 3.8))
+        width = 0.6 / len(groups)
+        for g, (group, color) in enumerate(zip(groups, sns.color_palette(), strict=False)):
+            sub = (data if group is None else data[data[hue] == group]).set_index(x).reindex(order)
+            pos = np.arange(len(order)) + (g - (len(groups) - 1) / 2) * width
+            mean, low, high = (sub[c].to_numpy(dtype=float) for c in ("mean", "low", "high"))
+            ax.errorbar(pos, mean, yerr=[mean - low, high - mean], fmt="o", color=color,
+                        capsize=4, ms=7, label=group)  # fmt: skip
+        ax.set_xticks(range(len(order)), order, rotation=30, ha="right")
+        ax.set(xlabel="", ylabel=metric, title=f"{metric} (mean over utterances, 95% CI)")
+    else:
+        ax = _axes(ax, (8, 1.2 + 0.5 * len(order)))
+        for tol, alpha in zip(
+            sorted(tolerances_ms, reverse=True), (0.08, 0.16, 0.24), strict=False
+        ):
+            ax.axvspan(-tol, tol, color="0.4", alpha=alpha, lw=0, label=f"+-{tol:g} ms")
+        ax.axvline(0, color="0.3", lw=0.8)
+        if order:
+            sns.boxplot(data, x="error_ms", y=x, hue=hue, order=order, showfliers=False, ax=ax)
+        ax.set(xlabel="boundary error, ms (predicted - gold; > 0 late)", ylabel="")
+        ax.set_title("Word-boundary errors against gold (outliers not drawn)")
+    if not order:
+        ax.text(0.5, 0.5, "no boundaries to score", ha="center", transform=ax.transAxes)
+    elif hue:
+        ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1, 1))
+    return ax
+
+
+def plot_convergence(
+    table: pd.DataFrame,
+    *,
+    map_name: str = "SM_X",
+    y: str = "reliability",
+    target: float | None = None,
+    ax: Axes | None = None,
+) -> Axes:
+    """A map's ``y`` (``"reliability"`` or ``"r"``, with ``r_corrected`` dotted) against the
+    number of masks, one line per mask design (mean over utterances); ``table`` holds
+    :func:`~xattn_utils.analysis.convergence.convergence` rows. ``target`` draws a dashed line."""
+    ax = _axes(ax, (6, 3.8))
+    data = table[table["map_name"] == map_name]
+    means = data.groupby(["design", "n_masks"], sort=False)[[y, "r_corrected"]].mean()
+    for (design, sub), color in zip(means.groupby(level=0, sort=False), sns.color_palette(),
+                                    strict=False):  # fmt: skip
+        n = sub.index.get_level_values("n_masks")
+        ax.plot(n, sub[y], "o-", color=color, label=design)
+        if y == "r":
+            ax.plot(n, sub["r_corrected"], ":", color=color)
+    if target is not None:
+        ax.axhline(target, color="0.4", ls="--", lw=1)
+    ax.set_xscale("log", base=2)
+    label = {"reliability": "reliability (Spearman-Brown)", "r": "r with CA (dotted: corrected)"}
+    ax.set(xlabel="masks", ylabel=label.get(y, y), title=f"{map_name}: {label.get(y, y)}")
+    ax.legend(title="design", fontsize="small")
+    return ax
+
+
+def plot_faithfulness_curves(curves, *, mode: str = "deletion", ax: Axes | None = None) -> Axes:
+    """Deletion or insertion curves: the reference token's probability (mean over evaluated
+    tokens) against the share of speech frames occluded (deletion) or revealed (insertion),
+    most relevant first, one line per explanation; ``"random"`` dashed. ``curves`` is a tidy
+    frame (``faithfulness.curves_table``) or a list of ``faithfulness.Curves``; the x axis is
+    the requested fraction (``target``), which the used one differs from by under a frame."""
+    ax = _axes(ax, (6, 3.8))
+    if not isinstance(curves, pd.DataFrame):
+        curves = pd.concat([c.to_frame() for c in curves] or [pd.DataFrame(columns=["mode"])])
+    data = curves[curves["mode"] == mode]
+    if data.empty:
+        ax.text(0.5, 0.5, f"no {mode} curves", ha="center", transform=ax.transAxes)
+        return ax
+    x = "target" if "target" in data else "fraction"
+    methods = list(dict.fromkeys(data["method"]))
+    dashes = {m: (4, 2) if m == "random" else "" for m in methods}
+    sns.lineplot(data, x=x, y="probability", hue="method", hue_order=methods, style="method",
+                 dashes=dashes, markers=True, errorbar=None, ax=ax)  # fmt: skip
+    verb = "occluded" if mode == "deletion" else "revealed"
+    ax.set(xlabel=f"share of speech frames {verb}, most relevant first",
+           ylabel="p(reference token), mean", xlim=(0, 1), ylim=(0, None), title=mode)  # fmt: skip
+    ax.legend(fontsize="small", title=None)
+    return ax
+
+
+def plot_headline(
+    views: pd.DataFrame, study: pd.DataFrame | None = None, *, ax: Axes | None = None
+) -> Axes:
+    """The report's headline: r of each CA view with SM_X and SM_H, observed (filled) and
+    corrected for the map's reliability (hollow), with 95% CIs, one row per model and view.
+
+    ``views`` is a :func:`~xattn_utils.analysis.findings.headline_views` table; ``study`` (a
+    :func:`~xattn_utils.analysis.findings.study_values` table) adds the study's published values
+    below, in grey: its own models and data, not a measurement here. CIs are clipped to the axis.
+    """
+    rows = views[["model", "task", "aggregate"]].drop_duplicates()
+    labels = [f"{m}{'' if t == 'transcribe' else f' ({t})'}: {a}" for m, t, a in rows.values]
+    n_study = 0 if study is None else study["model"].nunique()
+    ax = _axes(ax, (11, 0.45 * (len(labels) + n_study) + 1.5))
+    xlim = (-0.4, 1.2)
+    marks = [("SM_X", "r", -0.24), ("SM_X", "r_corrected", -0.08),
+             ("SM_H", "r", 0.08), ("SM_H", "r_corrected", 0.24)]  # fmt: skip
+    for y, (model, task, aggregate) in enumerate(rows.values):
+        here = views[(views["model"] == model) & (views["task"] == task)]
+        here = here[here["aggregate"] == aggregate].set_index("comparison")
+        for map_name, col, dy in marks:
+            if f"CA vs {map_name}" not in here.index or col not in ("r", *here.columns):
+                continue
+            row = here.loc[f"CA vs {map_name}"]
+            mean = row["mean" if col == "r" else col]
+            lo, hi = (row["low"], row["high"]) if col == "r" else (row[f"{col}_low"],
+                                                                   row[f"{col}_high"])  # fmt: skip
+            if not np.isfinite(mean):  # no correction possible: nothing to draw
+                continue
+            ax.plot(np.clip([lo, hi], *xlim), [y + dy] * 2, color=_COLORS[map_name], lw=1.5)
+            face = _COLORS[map_name] if col == "r" else "white"
+            ax.plot([mean], [y + dy], "o", color=_COLORS[map_name], mfc=face, ms=6)
+    if study is not None:
+        y0 = len(labels)
+        ax.axhline(y0 - 0.5, color="0.3", lw=0.8)
+        for i, (model, sub) in enumerate(study.groupby("model", sort=False)):
+            for _, row in sub.iterrows():
+                dy = -0.12 if row["comparison"] == "CA vs SM_X" else 0.12
+                ax.plot([row["low"], row["high"]], [y0 + i + dy] * 2, color="0.45", lw=3)
+                ax.plot([row["mean"]], [y0 + i + dy], "D" if dy < 0 else "|", color="0.45")
+            labels.append(f"the study's {model} (its data)")
+    ax.set_yticks(range(len(labels)), labels)
+    ax.set_ylim(len(labels) - 0.5, -0.5)
+    ax.set_xlim(*xlim)
+    ax.axvline(0, color="0.5", lw=0.8)
+    handles = [plt.Line2D([], [], marker="o", color=_COLORS[m], mfc=f, label=lab)
+               for m, f, lab in [("SM_X", _COLORS["SM_X"], "CA vs SM_X, observed"),
+                                 ("SM_X", "white", "CA vs SM_X, corrected"),
+                                 ("SM_H", _COLORS["SM_H"], "CA vs SM_H, observed"),
+                                 ("SM_H", "white", "CA vs SM_H, corrected")]]  # fmt: skip
+    if study is not None:
+        handles.append(plt.Line2D([], [], color="0.45", lw=3, marker="D",
+                                  label="the study (SM_X point, SM_H range)"))  # fmt: skip
+    ax.legend(handles=handles, fontsize="small", loc="upper left", bbox_to_anchor=(1, 1))
+    ax.set(xlabel="Pearson r per token, mean over utterances (unitless), 95% bootstrap CI",
+           title="CA vs saliency: each CA view, observed and reliability-corrected")  # fmt: skip
+    return ax
+
+
+def plot_mixing(
+    mixing: EncoderMixing,
+    *,
+    layer: int = -1,
+    rolled_out: bool = True,
+    ax: Axes | None = None,
+    cmap: str = "magma",
+) -> Axes:
+    """Output frame x input frame heatmap of one utterance's encoder mixing over the speech
+    (value zeroing, :mod:`xattn_utils.analysis.mixing`), rolled out through ``layer`` or that layer
+    alone; axes in seconds, colour on a square-root scale (a frame's share of its own row)."""
+    from matplotlib.colors import PowerNorm
+
+    stack = mixing.rollout() if rolled_out else mixing.matrices
+    m, number = stack[layer], range(stack.shape[0])[layer]
+    s = mixing.n_speech
+    seconds = s * mixing.enc_frame_seconds
+    ax = _axes(ax, (5, 4.4))
+    image = ax.imshow(m[:s, :s].numpy(), cmap=cmap, norm=PowerNorm(0.5), origin="upper",
+                      extent=(0, seconds, seconds, 0), interpolation="nearest")  # fmt: skip
+    what = f"rollout through layer {number}" if rolled_out else f"layer {number}"
+    ax.set(xlabel="input frame time (s)", ylabel="output frame time (s)",
+           title=f"{mixing.model} {mixing.utterance}: encoder mixing, {what}")  # fmt: skip
+    ax.grid(False)
+    ax.figure.colorbar(image, ax=ax, label="share of the output row", fraction=0.04, pad=0.01)
+    return ax
