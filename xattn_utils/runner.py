@@ -296,6 +296,7 @@ def build_report(
     explained and no notebook runs (returns None): run once more without it when every shard
     is done."""
     from .data import load_corpus
+    from .hf_datasets import absolute_source
     from .index import write_index
     from .store import ResultStore
 
@@ -304,8 +305,7 @@ def build_report(
     out = Path(out).resolve()
     store_path = Path(store).resolve()
     params = {"method": method, "n_masks": n_masks, "seed": seed}
-    if data != "demo" and Path(data).exists():  # notebooks run in the repository root
-        data = str(Path(data).resolve())
+    data = absolute_source(data)  # notebooks run in the repository root
     corpus = load_corpus(data)
     stems = list(notebooks or NOTEBOOKS)
     runs = [
