@@ -9,6 +9,11 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+DATA_HELP = (
+    "'demo', a folder of audio, a TSV manifest, a folder saved by datasets' save_to_disk, "
+    "or audiofolder:PATH (a datasets audio folder, metadata.csv optional)"
+)
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="xattn", description=__doc__)
@@ -40,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("report", help="explain once, run every notebook, write HTML + index")
     p.add_argument("--models", default="tiny.en", help="comma-separated, e.g. tiny.en,base")
-    p.add_argument("--data", default="demo", help="'demo', a folder of audio or a TSV manifest")
+    p.add_argument("--data", default="demo", help=DATA_HELP)
     p.add_argument("--out", type=Path, default=Path("reports"), help="report folder")
     p.add_argument("--n-utterances", type=int, default=None, help="utterances (default 8; 0 = all)")
     p.add_argument("--n-masks", type=int, default=None, help="masks per map (default 128)")
@@ -68,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("calibrate", help="learn timestamp heads and offsets from gold words")
     p.add_argument("--model", default="tiny.en", help="bundled name, local folder or hub id")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
-    p.add_argument("--data", required=True, help="'demo', a folder or manifest with .words.json")
+    p.add_argument("--data", required=True, help=f"{DATA_HELP}, with gold words")
     p.add_argument("--subset", default=None, help="demo subset: synthetic or real")
     p.add_argument("--method", default="chars-refined", help="the method to calibrate")
     p.add_argument("--out", type=Path, default=None, help="JSON file (default: stdout)")
@@ -90,7 +95,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _data_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", default="demo", help="'demo', a folder of audio or a TSV manifest")
+    p.add_argument("--data", default="demo", help=DATA_HELP)
     p.add_argument("--subset", default=None, help="demo subset: synthetic or real")
     p.add_argument("--limit", type=int, default=None, help="first N utterances only")
     p.add_argument("--out", required=True, type=Path, help="output folder")

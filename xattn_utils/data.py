@@ -33,7 +33,8 @@ AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aiff", ".a
 TEXT_KEYS = ("text", "sentence", "transcription", "transcript", "normalized_text")
 LANGUAGE_KEYS = ("language", "locale", "lang")
 _SOURCES_HELP = (
-    "give 'demo', a folder of audio files, a .tsv manifest, or a Hugging Face datasets.Dataset"
+    "give 'demo', a folder of audio files, a .tsv manifest, a folder saved by "
+    "datasets' save_to_disk, 'audiofolder:PATH', or a Hugging Face datasets.Dataset"
 )
 
 
@@ -115,9 +116,14 @@ def load_corpus(
     - a folder: its ``manifest.tsv`` if it has one, else its audio files (``AUDIO_SUFFIXES``,
       not recursive) with optional same-stem ``.txt`` transcripts and ``.words.json`` timings;
     - a ``.tsv`` manifest (see the module docstring);
+    - a folder written by ``datasets.Dataset.save_to_disk``, or ``"audiofolder:PATH"`` for a
+      folder read by ``datasets``' ``audiofolder`` builder (:mod:`xattn_utils.hf_datasets`);
     - a Hugging Face ``datasets.Dataset`` or any iterable of mappings with an ``audio`` entry
-      (``{"array", "sampling_rate"}``, a path, or a torchcodec decoder) and a text entry
-      (``TEXT_KEYS``). Its audio is decoded, down-mixed and resampled to 16 kHz now.
+      (``{"array", "sampling_rate"}``, ``{"bytes"}``, a path, or a torchcodec decoder) and a
+      text entry (``TEXT_KEYS``). Its audio is decoded, down-mixed and resampled to 16 kHz now
+      (a ``datasets`` Audio column with soundfile, not torchcodec). A ``words`` entry holds gold
+      timings: a list of ``{"word", "start", "end"}`` (seconds), the same as a dict of three
+      lists, or as JSON text.
 
     ``language`` keeps utterances in that language; utterances whose source gives no language
     take this one. ``subset`` keeps one subset; ``limit`` stops after that many utterances.
@@ -208,6 +214,10 @@ def _utterances(source: object) -> Iterator[Utterance]:
             )
         return _read_manifest(manifest)
     if isinstance(source, str | os.PathLike):
+        from .hf_datasets import open_dataset  # lazily: that module builds on this one
+
+        if (dataset := open_dataset(source)) is not None:  # save_to_disk folder, audiofolder:
+            return _read_dataset(dataset)
         path = Path(source)
         if path.is_dir():
             if (path / MANIFEST_NAME).is_file():
@@ -224,6 +234,10 @@ def _utterances(source: object) -> Iterator[Utterance]:
             "e.g. load_corpus(ds['test'])"
         )
     if isinstance(source, Iterable) and not isinstance(source, bytes):
+        if hasattr(source, "cast_column"):  # a datasets.Dataset: decode its audio ourselves
+            from .hf_datasets import undecoded
+
+            source = undecoded(source)
         return _read_dataset(source)
     raise CorpusError(f"cannot read a corpus from a {type(source).__name__}; {_SOURCES_HELP}")
 
@@ -306,17 +320,41 @@ def _read_dataset(dataset: Iterable[Any]) -> Iterator[Utterance]:
         text = next((str(item[k]) for k in TEXT_KEYS if item.get(k) not in (None, "")), None)
         language = next((str(item[k]) for k in LANGUAGE_KEYS if item.get(k)), None)
         translation = item.get("translation")
-        words = item.get("words")
         yield Utterance(
             id=uid,
             audio_path=None,
             text=text,
             language=language,
             subset=str(item.get("subset") or ""),
-            words=None if words is None else _parse_words(list(words), source=name),
+            words=_dataset_words(item.get("words"), source=name),
             translation=translation if isinstance(translation, str) and translation else None,
             audio_array=_dataset_audio(item["audio"], name=name),
         )
+
+
+def _dataset_words(words: Any, *, source: str) -> tuple[Word, ...] | None:
+    """A dataset's ``words`` entry: a list of ``{"word", "start", "end"}``, the same as
+    ``datasets``' ``Sequence`` of a struct (a dict of three lists), or as JSON text (a CSV
+    metadata column). None or empty text: no gold timings."""
+    if words is None or (isinstance(words, str) and not words.strip()):
+        return None
+    return _parse_words(_word_items(words, source=source), source=source)
+
+
+def _word_items(words: Any, *, source: str) -> Any:
+    if isinstance(words, str):
+        try:
+            return json.loads(words)
+        except json.JSONDecodeError as err:
+            raise WordsError(
+                f"{source}: words are not valid JSON ({err}); {_WORDS_FORMAT}"
+            ) from err
+    if isinstance(words, Mapping) and {"word", "start", "end"} <= set(words):
+        columns = [list(words[k]) for k in ("word", "start", "end")]
+        if len({len(c) for c in columns}) != 1:
+            raise WordsError(f"{source}: words, starts and ends differ in length; {_WORDS_FORMAT}")
+        return [{"word": w, "start": s, "end": e} for w, s, e in zip(*columns, strict=True)]
+    return list(words)
 
 
 def _audio_stem(audio: Any) -> str | None:
@@ -333,7 +371,12 @@ def _dataset_audio(audio: Any, *, name: str) -> np.ndarray:
     elif isinstance(audio, Mapping) and audio.get("bytes"):
         import soundfile as sf
 
-        array, rate = sf.read(io.BytesIO(audio["bytes"]), dtype="float32")
+        try:
+            array, rate = sf.read(io.BytesIO(audio["bytes"]), dtype="float32")
+        except Exception as err:  # libsndfile raises its own error types
+            raise CorpusError(
+                f"{name}: cannot read the audio bytes ({err}); give wav, flac, ogg or mp3"
+            ) from err
     elif isinstance(audio, Mapping) and audio.get("path"):
         return load_audio(audio["path"])
     elif isinstance(audio, str | os.PathLike):

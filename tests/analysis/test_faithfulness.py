@@ -3,6 +3,7 @@ random Whisper (endpoints and one interior point against direct forwards, store 
 
 from __future__ import annotations
 
+import json
 from types import SimpleNamespace
 
 import numpy as np
@@ -43,6 +44,13 @@ def _transcript(n_text: int) -> Transcript:
         task="transcribe",
         language="en",
     )
+
+
+def test_transcript_record_round_trips_through_json():
+    tr = _transcript(3)
+    record = json.loads(json.dumps(tr.to_record()))  # what a result store holds
+    assert record["special"] == [True, False, False, False, True] and record["task"] == "transcribe"
+    assert Transcript.from_record(record) == tr
 
 
 def _toy_curves(probs, maps, tr, options, seed=0) -> Curves:

@@ -405,10 +405,18 @@ def test_matches_ctranslate2(name, file, language, task, ct2_whisper):
 
 @pytest.mark.slow
 def test_save_pretrained_loads_back(tmp_path):
-    config, state_dict, ct2_config, _ = _converted("tiny.en")
-    save_pretrained(config, state_dict, ct2_config, tmp_path)
-    assert json.loads((tmp_path / "ct2_config.json").read_text()) == ct2_config
-    model = WhisperForConditionalGeneration.from_pretrained(tmp_path, attn_implementation="eager")
+    config, state_dict, ct2_config, model = _converted("tiny.en")
+    folder, _ = bundled_model("tiny.en")
+    out = tmp_path / "tiny.en"
+    out.mkdir()
+    (out / "stale.bin").write_text("from an earlier run")
+    extra = {"alignment_heads": ct2_config["alignment_heads"]}
+    assert save_pretrained(model, out, tokenizer=folder / "tokenizer.json", extra=extra) == out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.en"]  # no temporary folder left
+    assert not (out / "stale.bin").exists()  # replaced, not merged
+    assert json.loads((out / "xattn.json").read_text()) == extra
+    assert (out / "tokenizer.json").read_bytes() == (folder / "tokenizer.json").read_bytes()
+    model = WhisperForConditionalGeneration.from_pretrained(out, attn_implementation="eager")
     assert model.proj_out.weight is model.model.decoder.embed_tokens.weight
     loaded = model.state_dict()
     assert loaded.keys() == state_dict.keys()

@@ -196,16 +196,14 @@ class Curves:
             "methods": list(self.methods),
             "fractions": list(self.fractions),
             "params": self.params,
-            "transcript": {k: getattr(tr, k) for k in Transcript.__dataclass_fields__},
+            "transcript": tr.to_record(),
         }
         return {"probabilities": self.probabilities.contiguous()}, record
 
     @classmethod
     def from_tensors(cls, tensors: Mapping[str, torch.Tensor], record: dict) -> Curves:
-        t = record["transcript"]
-        tr = Transcript(**{k: tuple(v) if isinstance(v, list) else v for k, v in t.items()})
         return cls(
-            transcript=tr,
+            transcript=Transcript.from_record(record["transcript"]),
             methods=tuple(record["methods"]),
             fractions=tuple(record["fractions"]),
             probabilities=tensors["probabilities"],

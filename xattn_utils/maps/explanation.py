@@ -80,32 +80,14 @@ class Explanation(Labelled):
             "params": self.params,
             "alignment_heads": [list(h) for h in self.alignment_heads],
             "duration": self.duration,
-            "transcript": {
-                "input_ids": list(tr.input_ids),
-                "output_ids": list(tr.output_ids),
-                "tokens": list(tr.tokens),
-                "special": list(tr.special),
-                "text": tr.text,
-                "task": tr.task,
-                "language": tr.language,
-            },
+            "transcript": tr.to_record(),
         }
         return {k: v.contiguous() for k, v in tensors.items()}, record
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor], record: dict) -> Explanation:
-        t = record["transcript"]
-        tr = Transcript(
-            input_ids=tuple(t["input_ids"]),
-            output_ids=tuple(t["output_ids"]),
-            tokens=tuple(t["tokens"]),
-            special=tuple(t["special"]),
-            text=t["text"],
-            task=t["task"],
-            language=t["language"],
-        )
         return cls(
-            transcript=tr,
+            transcript=Transcript.from_record(record["transcript"]),
             cross_attention=tensors["cross_attention"],
             input_saliency=tensors["input_saliency"],
             encoder_saliency=tensors["encoder_saliency"],

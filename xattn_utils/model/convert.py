@@ -14,8 +14,11 @@ split over two packages).
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
 import struct
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -267,14 +270,20 @@ def build_model(config: WhisperConfig, state_dict: dict[str, torch.Tensor]) -> t
 
 
 def save_pretrained(
-    config: WhisperConfig,
-    state_dict: dict[str, torch.Tensor],
-    ct2_config: dict,
-    out_dir: str | Path,
+    model: torch.nn.Module, out_dir: str | Path, *, tokenizer: str | Path, extra: dict
 ) -> Path:
-    """Write ``model.safetensors`` + ``config.json`` (``from_pretrained``-ready) and
-    ``ct2_config.json`` to ``out_dir``."""
+    """Write ``model.safetensors`` + ``config.json`` (``from_pretrained``-ready), a copy of
+    ``tokenizer`` (``tokenizer.json``) and ``extra`` (``xattn.json``) to ``out_dir``.
+
+    The folder is written beside ``out_dir`` and then renamed, so a killed run never leaves a
+    half-written checkpoint; an existing ``out_dir`` is replaced."""
     out_dir = Path(out_dir)
-    build_model(config, state_dict).save_pretrained(out_dir, safe_serialization=True)
-    (out_dir / "ct2_config.json").write_text(json.dumps(ct2_config))
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
+    model.save_pretrained(tmp, safe_serialization=True)
+    shutil.copy(tokenizer, tmp / "tokenizer.json")
+    (tmp / "xattn.json").write_text(json.dumps(extra))
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)
     return out_dir

@@ -9,7 +9,9 @@ belongs to output token ``i`` (the position that predicts it), as in openai-whis
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -39,6 +41,15 @@ class Transcript:
 
     def __len__(self) -> int:
         return len(self.output_ids)
+
+    def to_record(self) -> dict:
+        """A JSON-able dict (tuples as lists), for result stores; :meth:`from_record` reads it."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any]) -> Transcript:
+        """The transcript that :meth:`to_record` wrote."""
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in record.items()})
 
 
 class Labelled:

@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -250,25 +248,12 @@ def _converted(name: str) -> Path:
         "suppress_ids": _as_list(ct2_config.get("suppress_ids", [])),
         "suppress_ids_begin": _as_list(ct2_config.get("suppress_ids_begin", [])),
     }
-    _save_atomically(target, model, folder / "tokenizer.json", extra)
+    convert.save_pretrained(model, target, tokenizer=folder / "tokenizer.json", extra=extra)
     return target
 
 
 def _as_list(value: object) -> list[int]:
     return json.loads(value) if isinstance(value, str) else list(value)  # type: ignore[arg-type]
-
-
-def _save_atomically(
-    target: Path, model: WhisperForConditionalGeneration, tokenizer: Path, extra: dict
-) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    model.save_pretrained(tmp, safe_serialization=True)
-    shutil.copy(tokenizer, tmp / "tokenizer.json")
-    (tmp / "xattn.json").write_text(json.dumps(extra))
-    if target.exists():
-        shutil.rmtree(target)
-    os.replace(tmp, target)
 
 
 def _random_tiny(seed: int) -> Path:
@@ -297,7 +282,9 @@ def _random_tiny(seed: int) -> Path:
     torch.manual_seed(seed)
     model = WhisperForConditionalGeneration(config)
     extra = {"source": RANDOM_TINY, "seed": seed, "alignment_heads": [[1, 0], [1, 1]]}
-    _save_atomically(target, model, tokenizer, extra)
+    from .convert import save_pretrained
+
+    save_pretrained(model, target, tokenizer=tokenizer, extra=extra)
     return target
 
 

@@ -183,28 +183,6 @@ def reference_alignment(
     return [w for w in alignment if w.word]
 
 
-@torch.no_grad()
-def cross_attention_logits(model: Whisper, mel: torch.Tensor, tokens: list[int]) -> torch.Tensor:
-    """Pre-softmax cross-attention of every decoder layer and head for the decoder input
-    ``tokens``, captured the way ``find_alignment`` does. shape = (layers, heads, tokens, 1500)."""
-    from whisper.model import disable_sdpa
-
-    qks: list = [None] * model.dims.n_text_layer
-    hooks = [
-        block.cross_attn.register_forward_hook(
-            lambda _, ins, outs, index=i: qks.__setitem__(index, outs[-1][0])
-        )
-        for i, block in enumerate(model.decoder.blocks)
-    ]
-    try:
-        with disable_sdpa():
-            model(mel.unsqueeze(0), torch.tensor([tokens]))
-    finally:
-        for hook in hooks:
-            hook.remove()
-    return torch.stack(qks)
-
-
 # -- openai-whisper's transcribe() as a reference -----------------------------------------------
 
 

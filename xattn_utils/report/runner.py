@@ -285,6 +285,7 @@ def build_report(
     The explain step runs on the Dask ``client`` when given; with ``shard`` only that shard is
     explained and no notebook runs (returns None): run once more without it when every shard
     is done."""
+    from ..hf_datasets import absolute_source
     from ..store import ResultStore
     from .index import write_index
 
@@ -292,8 +293,7 @@ def build_report(
         raise ValueError(f"jobs must be a positive number of notebooks at a time, got {jobs!r}")
     out = Path(out).resolve()
     store_path = Path(store).resolve()
-    if data != "demo" and Path(data).exists():  # notebooks run in the repository root
-        data = str(Path(data).resolve())
+    data = absolute_source(data)  # notebooks run in the repository root
     study = Study(data=data, n_utterances=n_utterances, method=method, n_masks=n_masks,
                   seed=seed, use_reference_text=use_reference_text, store=str(store_path),
                   progress=False)  # fmt: skip
