@@ -391,10 +391,12 @@ def mel_forward(loaded, audio, *, text: str | None = None, task: str = "transcri
     log_p0 = torch.log_softmax(logits, dim=-1)
 
     def forward(x: torch.Tensor) -> torch.Tensor:
-        log_p = torch.log_softmax(logits_of(x), dim=-1)
+        masked = logits_of(x)
         if output == "kl":
+            log_p = torch.log_softmax(masked, dim=-1)
             return -(log_p0.exp() * (log_p0 - log_p)).sum(-1).clamp(min=0)
-        return log_p.exp().gather(-1, ref.expand(x.shape[0], -1).unsqueeze(-1)).squeeze(-1)
+        p = torch.softmax(masked, dim=-1)
+        return p.gather(-1, ref.expand(x.shape[0], -1).unsqueeze(-1)).squeeze(-1)
 
     return MelForward(forward_func=forward, inputs=inputs, baselines=float(mel.min()),
                       transcript=tr, logits=logits)  # fmt: skip
