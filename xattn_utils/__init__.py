@@ -41,6 +41,7 @@ __all__ = [
 _LAZY = ("convergence", "faithfulness", "plots", "report", "timestamps", "whisper_ref", "widgets")
 _LAZY += ("context", "mixing")
 _LAZY += ("aligner", "calibration", "timestamp_formats")
+_LAZY += ("captum", "captum_metrics")
 
 
 def __getattr__(name: str):
