@@ -121,12 +121,12 @@ class SPES(PerturbationAttribution):
         args = _format_additional_forward_args(additional_forward_args)
         targets = _targets(target, n)
         out = [torch.zeros(x.shape, dtype=torch.float64) for x in xs]
-        done: list[tuple[int, list[torch.Tensor], torch.Tensor, torch.Tensor]] = []
+        runs: dict[int, tuple[MaskSampler, torch.Tensor, torch.Tensor]] = {}  # by first example
         bar = tqdm(total=n, desc="SPES", disable=not show_progress, leave=False)
         for i in range(n):
             example = [x[i : i + 1] for x in xs]
-            shared = next((d for d in done if _same(d[0], i, xs, bases, masks, args)), None)
-            if shared is None:
+            first = next((j for j in runs if _same(j, i, xs, bases, masks, args)), None)
+            if first is None:
                 labels = _label_maps(example, None if masks is None else [m[i] for m in masks],
                                      n_segments)  # fmt: skip
                 sampler = MaskSampler(labels, n_masks, p=p, design=design, seed=seed)
@@ -134,9 +134,8 @@ class SPES(PerturbationAttribution):
                     example, [b[i : i + 1] for b in bases], _example_args(args, i, n),
                     sampler, perturbations_per_eval,
                 )  # fmt: skip
-                shared = (i, [sampler], clean, outputs)
-                done.append(shared)
-            sampler, clean, outputs = shared[1][0], shared[2], shared[3]
+                first, runs[i] = i, (sampler, clean, outputs)
+            sampler, clean, outputs = runs[first]
             scores = (_select(clean, targets[i]) - _select(outputs, targets[i]))[:, None]
             if estimator == "mean":
                 stats = accumulate(sampler, scores, control=design in CONTROLLED)
