@@ -54,12 +54,13 @@ MODULES = {
     "saliency": "maps.saliency", "explanation": "maps.explanation", "corpus": "maps.corpus",
     "mixing": "analysis.mixing", "distributed": "maps.distributed",
     "compare": "analysis.compare", "convergence": "analysis.convergence",
-    "faithfulness": "analysis.faithfulness", "timestamps": "analysis.timestamps",
-    "aligner": "analysis.aligner", "calibration": "analysis.calibration",
-    "timestamp_formats": "analysis.timestamp_formats", "context": "analysis.context",
-    "tables": "analysis.tables", "findings": "analysis.findings",
+    "faithfulness": "analysis.faithfulness", "captum_metrics": "analysis.captum_metrics",
+    "timestamps": "analysis.timestamps", "aligner": "analysis.aligner", "calibration":
+    "analysis.calibration", "timestamp_formats": "analysis.timestamp_formats", "context":
+    "analysis.context", "tables": "analysis.tables", "findings": "analysis.findings",
     "plots": "viz.plots", "widgets": "viz.widgets",
     "study": "report.study", "runner": "report.runner", "index": "report.index",
+    "captum": "captum", "hf_datasets": "hf_datasets",
     "whisper_ref": "reference.whisper",
 }  # fmt: skip
 
