@@ -39,7 +39,7 @@ __all__ = [
 ]
 
 _LAZY = ("convergence", "faithfulness", "plots", "report", "timestamps", "whisper_ref", "widgets")
-_LAZY += ("context", "mixing")
+_LAZY += ("context", "mixing", "views")
 _LAZY += ("aligner", "calibration", "timestamp_formats")
 
 

@@ -36,7 +36,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from .attention import CrossAttention, all_heads, forward_attention
+from .attention import CrossAttention, forward_attention
 from .audio import (
     CHUNK_SECONDS,
     ENC_FRAME_SECONDS,
@@ -66,6 +66,7 @@ from .timestamps import (
     split_words,
     timing_matrix,
 )
+from .views import View
 
 PUNCTUATION = "".join(sorted(set(APPEND_PUNCTUATIONS + PREPEND_PUNCTUATIONS + ";…")))
 Unit = Literal["tokens", "chars"]
@@ -283,7 +284,7 @@ def choose_heads(
             )
         return list(ca.alignment_heads)
     if method.heads == "all":
-        return all_heads(ca.scores)
+        return list(View.all().pairs(*ca.scores.shape[:2]))
     if method.heads == "calibrated":
         if not calibrated:
             raise ValueError(f"no calibration for {ca.model}: run xattn calibrate first")

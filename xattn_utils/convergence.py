@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .attention import forward_attention, head_mean
+from .attention import forward_attention
 from .audio import load_audio, n_enc_frames, n_mel_frames
 from .compare import (
     corrected_summary,
@@ -40,6 +40,7 @@ from .decode import decode, features
 from .models import LoadedModel
 from .perturbation import DESIGNS, PerturbationError, PerturbationOptions
 from .saliency import corpus_entry, encoder_spes_run, input_spes_run
+from .views import ALL, select
 
 # the design whose forwards each design reuses
 FORWARDS_OF = {"iid": "iid", "antithetic": "antithetic", "control": "iid",
@@ -85,7 +86,7 @@ def convergence(
     with torch.no_grad():
         ca, logits = forward_attention(loaded, mel, tr)
     n_mel, n_enc = n_mel_frames(audio), n_enc_frames(audio)
-    ca_all = head_mean(ca[..., :n_enc])
+    ca_all = select(ca[..., :n_enc], ALL)
     keep = [not s for s in tr.special]
     checkpoints(n_masks)  # fails early on too few masks
     rows = []
@@ -103,7 +104,7 @@ def convergence(
                     rel = reliability(folds, special=tr.special)
                     pooled = pool_to_enc(sm) if sm.ndim == 3 else sm
                     r = utterance_score(ca_all, pooled, keep=keep).mean
-                    rows.append({"map_name": name, "design": design, "n_masks": n,
+                    rows.append({"map": name, "design": design, "n_masks": n,
                                  "half": rel.half, "reliability": rel.full, "r": r,
                                  "r_corrected": float(disattenuate(r, rel.full))})  # fmt: skip
     frame = pd.DataFrame(rows)
@@ -134,7 +135,8 @@ def convergence_corpus(
             method="convergence", **kwargs,
         )  # fmt: skip
         if store is not None and store.has(key):
-            frame = pd.DataFrame(store.get(key)[1]["rows"])
+            # rows stored before the one vocabulary name the map "map_name"
+            frame = pd.DataFrame(store.get(key)[1]["rows"]).rename(columns={"map_name": "map"})
         else:
             frame = convergence(loaded, utt.load(), text=text, task=task, language=lang,
                                 utterance=utt.id, progress=progress, **kwargs)  # fmt: skip
@@ -179,7 +181,7 @@ def summary_table(
     design needs to match i.i.d. masks' reliability at the largest count, with the ratio
     ``iid forwards / design forwards`` (above 1: the design converges faster)."""
     rows = []
-    keys = [*by, "map_name"]
+    keys = [*by, "map"]
     for key, g in table.groupby(keys, sort=False):
         curves = g.groupby(["design", "n_masks"])[["reliability", "r", "r_corrected"]].mean()
         n_max = int(g["n_masks"].max())
@@ -200,7 +202,7 @@ def summary_table(
 def corrected_table(
     table: pd.DataFrame,
     *,
-    by: Sequence[str] = ("model", "task", "map_name", "design"),
+    by: Sequence[str] = ("model", "task", "map", "design"),
     n_boot: int = 2000,
     seed: int = 0,
 ) -> pd.DataFrame:
