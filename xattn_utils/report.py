@@ -22,7 +22,7 @@ from .tables import (  # noqa: F401  (re-exported: the notebooks call xu.report.
     AGGREGATES,
     COMPARISONS,
     GAP,
-    VIEWS,
+    HEADLINE_AGGREGATES,
     aggregation_gain,
     attenuation_table,
     correlation_table,
