@@ -211,7 +211,7 @@ def merge_punctuations(words: list[str], tokens: list[list], prepended: str, app
 def _stack(scores, heads) -> torch.Tensor:
     """Maps (tokens, enc_frames) or (maps, tokens, enc_frames), or the ``heads`` of a CA."""
     if isinstance(scores, CrossAttention) or torch.as_tensor(scores).ndim == 4:
-        view = {"alignment": View.alignment(), None: View.all()}.get(heads, heads)
+        view = View.all() if heads is None else View.alignment() if heads == "alignment" else heads
         return stack_heads(scores, view).float().cpu()  # whisper's (layer, head) order
     t = torch.as_tensor(scores).detach().float().cpu()
     if t.ndim not in (2, 3):
