@@ -57,9 +57,7 @@ def test_token_correlations_match_scipy(correlation, rng):
     ref = [ref_fn(a[t], b[t])[0] for t in range(T)]
     got = C.token_correlations(torch.from_numpy(a).float(), b, correlation=correlation)
     np.testing.assert_allclose(got, ref, rtol=1e-5)
-    np.testing.assert_allclose(
-        C.token_correlations(a, b, correlation=correlation), ref, rtol=1e-10
-    )
+    np.testing.assert_allclose(C.token_correlations(a, b, correlation=correlation), ref, rtol=1e-10)
 
 
 def test_token_correlations_broadcast_over_views(ca, rng):
