@@ -247,6 +247,7 @@ def compare_maps(
     if not specs:
         raise ValueError("views is empty")
     chunks = [specs[i : i + _CHUNK] for i in range(0, len(specs), _CHUNK)]
+    x = x.contiguous()  # one memory layout for every view: the same sums as a gather of heads
     stacks = [
         torch.stack([select(x, v, alignment_heads=alignment_heads) for v in chunk])
         for chunk in chunks

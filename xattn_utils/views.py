@@ -5,17 +5,12 @@ CA shape = (layers, heads, tokens, enc_frames). A :class:`View` is symbolic (a l
 all heads, the alignment heads, a list of heads); it gets its pairs from the tensor's shape
 and, for the alignment heads, from the model. Labels, everywhere:
 
-======================  ===================  ==================================
-view                    label                constructor
-======================  ===================  ==================================
-mean of all heads       ``"CA all heads"``   :meth:`View.all`
-mean of a layer         ``"CA L3"``          :meth:`View.of_layer`
-one head                ``"CA L3H2"``        :meth:`View.of_head`
-alignment heads         ``"CA alignment      :meth:`View.alignment`
-                        heads"``
-a list of heads         its name             :meth:`View.of_heads`
-mean of layers 0..3     ``"CA L0-L3"``       :meth:`View.of_layers`
-======================  ===================  ==================================
+- mean of all heads: ``"CA all heads"`` (:meth:`View.all`);
+- mean of one layer's heads: ``"CA L3"`` (:meth:`View.of_layer`);
+- one head: ``"CA L3H2"`` (:meth:`View.of_head`);
+- the model's alignment heads: ``"CA alignment heads"`` (:meth:`View.alignment`);
+- mean of layers 0..3: ``"CA L0-L3"`` (:meth:`View.of_layers`);
+- a named list of heads: its name (:meth:`View.of_heads`).
 
 Tables put the label in their ``map`` column, beside ``"SM_X"`` and ``"SM_H"``. :func:`select`
 is the one place that picks heads and averages them; :func:`stack` keeps them apart (word
@@ -207,6 +202,8 @@ def select(
     (layer, head) pairs, averaged in the order given.
     """
     x, pairs = resolve(ca, view, alignment_heads=alignment_heads)
+    if isinstance(view, View | str) and parse(view).kind == "all":
+        return x.mean((0, 1))  # the plain mean (bitwise what the analyses always computed)
     layers, heads = zip(*pairs, strict=True)
     return x[list(layers), list(heads)].mean(0)
 
