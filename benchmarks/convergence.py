@@ -41,11 +41,11 @@ def main() -> None:
     table = pd.concat(frames, ignore_index=True)
     summary = summary_table(table, by=("model",))
     for row in summary.itertuples():
-        print(f"ratio_{row.map_name}_{row.design}: {row.speedup_vs_iid:.2f} "
+        print(f"ratio_{row.map}_{row.design}: {row.speedup_vs_iid:.2f} "
               f"(reliability {row.reliability:.3f} at {row.n_masks} masks; "
               f"{row.forwards_to_match_iid:.0f} forwards match iid)")  # fmt: skip
     with pd.option_context("display.width", 200, "display.max_columns", 20):
-        print(table.groupby(["map_name", "design", "n_masks"])[["reliability", "r"]].mean())
+        print(table.groupby(["map", "design", "n_masks"])[["reliability", "r"]].mean())
         print(summary.round(3).to_string(index=False))
 
 

@@ -33,7 +33,7 @@ FAMILIES = ("model", "maps", "analysis", "reference", "viz", "report")
 ORDER = [
     "audio", "store", "data", "hf_datasets",
     "model", "model.convert", "model.loading", "model.decode",
-    "maps", "maps.explanation", "maps.attention", "maps.prepare", "maps.gradients",
+    "maps", "maps.explanation", "maps.attention", "maps.views", "maps.prepare", "maps.gradients",
     "maps.perturbation", "maps.estimators", "maps.forwards", "maps.spes", "maps.saliency",
     "maps.corpus", "maps.distributed",
     "captum",
@@ -47,7 +47,9 @@ ORDER = [
     "report.study", "report", "report.index", "report.runner",
     "cli",
 ]  # fmt: skip
+# model code: what loads or runs a model (maps.views and maps.explanation are plain data)
 MODEL_CODE = {m for m in MODULES if m.startswith(("model", "maps"))} | {"report.study"}
+MODEL_CODE -= {"maps", "maps.views", "maps.explanation"}
 # never import model code, not even lazily
 NO_MODEL_CODE = ("viz.plots", "analysis.compare", "store", "analysis.tables", "analysis.findings")
 # Imports inside a function may reach modules to the right only where declared here, with why.

@@ -61,7 +61,7 @@ MODULES = {
     "plots": "viz.plots", "widgets": "viz.widgets",
     "study": "report.study", "runner": "report.runner", "index": "report.index",
     "captum": "captum", "hf_datasets": "hf_datasets",
-    "whisper_ref": "reference.whisper",
+    "views": "maps.views", "whisper_ref": "reference.whisper",
 }  # fmt: skip
 
 

@@ -54,7 +54,7 @@ def test_metrics_of_every_ranked_map_on_the_random_model(tiny, tone):
     small = cm.CaptumMetricOptions(n_infidelity=3, n_sensitivity=1, radius=1e-6,
                                    sensitivity_masks=2)  # fmt: skip
     result = cm.captum_metrics(tiny, tone, e, curves, options=small)
-    assert result.methods == (*fa.time_maps(e), "random")
+    assert result.maps == (*fa.time_maps(e), "random")
     evaluated = torch.tensor(curves.evaluated)
     assert torch.isfinite(result.infidelity[:, evaluated]).all()
     assert torch.isnan(result.infidelity[:, ~evaluated]).all()
@@ -64,7 +64,7 @@ def test_metrics_of_every_ranked_map_on_the_random_model(tiny, tone):
     table = cm.captum_table([result])
     assert set(table["measure"]) == set(cm.METRICS)
     assert (table["n"] == 1).all() and table["mean"].notna().all()
-    assert not ((table["method"] == "random") & (table["measure"] == "sensitivity_max")).any()
+    assert not ((table["map"] == "random") & (table["measure"] == "sensitivity_max")).any()
 
 
 @pytest.mark.parametrize(

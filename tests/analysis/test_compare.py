@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from xattn_utils import compare as C
+from xattn_utils.maps.views import select
 
 L, H, T, E = 3, 2, 5, 40  # layers, heads, tokens, enc_frames
 
@@ -47,16 +48,16 @@ def test_pool_to_enc_accepts_numpy(rng):
     torch.testing.assert_close(C.pool_to_enc(sm_x), C.pool_to_enc(torch.from_numpy(sm_x)))
 
 
-@pytest.mark.parametrize("method", ["pearson", "spearman"])
-def test_token_correlations_match_scipy(method, rng):
+@pytest.mark.parametrize("correlation", ["pearson", "spearman"])
+def test_token_correlations_match_scipy(correlation, rng):
     a = rng.standard_normal((T, E))
     b = a + rng.standard_normal((T, E))
     b[1, :10] = 0.0  # ties for spearman
-    ref_fn = scipy.stats.pearsonr if method == "pearson" else scipy.stats.spearmanr
+    ref_fn = scipy.stats.pearsonr if correlation == "pearson" else scipy.stats.spearmanr
     ref = [ref_fn(a[t], b[t])[0] for t in range(T)]
-    got = C.token_correlations(torch.from_numpy(a).float(), b, method=method)
+    got = C.token_correlations(torch.from_numpy(a).float(), b, correlation=correlation)
     np.testing.assert_allclose(got, ref, rtol=1e-5)
-    np.testing.assert_allclose(C.token_correlations(a, b, method=method), ref, rtol=1e-10)
+    np.testing.assert_allclose(C.token_correlations(a, b, correlation=correlation), ref, rtol=1e-10)
 
 
 def test_token_correlations_broadcast_over_views(ca, rng):
@@ -73,7 +74,7 @@ def test_constant_rows_give_nan_and_are_counted(rng):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         r = C.token_correlations(a, b)
-        rs = C.token_correlations(a, b, method="spearman")
+        rs = C.token_correlations(a, b, correlation="spearman")
     assert np.isnan(r[[0, 2]]).all() and np.isfinite(r[[1, 3, 4]]).all()
     assert np.isnan(rs[[0, 2]]).all()
     score = C.utterance_score(a, b)
@@ -101,22 +102,6 @@ def test_normalize(rng):
     assert C.normalize(np.ones((2, 3))).eq(0).all()
 
 
-def test_ca_views_names_and_values(ca):
-    views = C.ca_views(ca)
-    assert len(views) == L * H + L + 1
-    with_align = C.ca_views(ca, alignment_heads=[(2, 0), (2, 1)], extra={"top": [(1, 1)]})
-    assert len(with_align) == L * H + L + 1 + 2
-    torch.testing.assert_close(views["all"], ca.mean((0, 1)))
-    torch.testing.assert_close(views["L1"], ca[1].mean(0))
-    torch.testing.assert_close(views["L2H1"], ca[2, 1])
-    torch.testing.assert_close(with_align["alignment"], ca[2].mean(0))
-    torch.testing.assert_close(with_align["top"], C.ca_view(ca, [(1, 1)]))
-    with pytest.raises(ValueError):
-        C.ca_views(ca, extra={"bad": [(L, 0)]})
-    with pytest.raises(ValueError):
-        C.ca_views(ca, extra={"all": [(0, 0)]})
-
-
 def test_planted_head_gives_r_one(ca, rng):
     sm_h = torch.from_numpy(rng.random((T, E))).float()
     planted = ca.clone()
@@ -126,27 +111,28 @@ def test_planted_head_gives_r_one(ca, rng):
     assert len(df) == L * H + L + 2
     assert list(df.columns[:7]) == [
         "utterance",
-        "map_name",
-        "view",
+        "against",
+        "map",
         "kind",
         "layer",
         "head",
-        "method",
+        "correlation",
     ]
-    row = df.set_index("view").loc["L1H0"]
+    row = df.set_index("map").loc["CA L1H0"]
     assert row["r"] == pytest.approx(1.0) and row["n_tokens"] == T - 1 and row["n_nan"] == 0
-    assert (row["kind"], row["layer"], row["head"], row["map_name"]) == ("head", 1, 0, "SM_H")
-    assert df.set_index("view").loc["alignment", "r"] == pytest.approx(1.0)
-    other_heads = df[(df["kind"] == "head") & (df["view"] != "L1H0")]
+    assert (row["kind"], row["layer"], row["head"], row["against"]) == ("head", 1, 0, "SM_H")
+    assert df.set_index("map").loc["CA alignment heads", "r"] == pytest.approx(1.0)
+    other_heads = df[(df["kind"] == "head") & (df["map"] != "CA L1H0")]
     assert other_heads["r"].lt(0.5).all()
     all_tokens = C.compare_maps(planted, sm_h, special=special, include_special=True)
-    assert all_tokens.set_index("view").loc["L1H0", "n_tokens"] == T
+    assert all_tokens.set_index("map").loc["CA L1H0", "n_tokens"] == T
 
 
 def test_compare_maps_pools_sm_x_and_crops_time(ca, rng):
     sm_x = rng.random((T, 2 * E - 11, 8))  # fewer (and odd) mel frames than CA covers
-    df = C.compare_maps(ca, sm_x, special=[False] * T, views=["L0H1", "all"], pooling="mean")
-    assert list(df["view"]) == ["L0H1", "all"] and (df["map_name"] == "SM_X").all()
+    views = ["CA L0H1", "CA all heads"]
+    df = C.compare_maps(ca, sm_x, special=[False] * T, views=views, pooling="mean")
+    assert list(df["map"]) == views and (df["against"] == "SM_X").all()
     pooled = C.pool_to_enc(sm_x, how="mean")
     n = pooled.shape[1]
     assert n == E - 5
@@ -155,12 +141,15 @@ def test_compare_maps_pools_sm_x_and_crops_time(ca, rng):
     with pytest.raises(ValueError):
         C.compare_maps(ca, sm_x[:-1], special=[False] * (T - 1))
     with pytest.raises(ValueError):
-        C.compare_maps(ca, sm_x, special=[False] * T, views=["L9"])
+        C.compare_maps(ca, sm_x, special=[False] * T, views=["CA L9"])
+    with pytest.raises(ValueError, match="unknown CA view"):
+        C.compare_maps(ca, sm_x, special=[False] * T, views=["L0"])
 
 
 def test_compare_maps_spearman(ca, rng):
     sm = rng.random((T, E))
-    df = C.compare_maps(ca, sm, special=[False] * T, views=["L0H0"], method="spearman")
+    df = C.compare_maps(ca, sm, special=[False] * T, views=["CA L0H0"], correlation="spearman")
+    assert (df["correlation"] == "spearman").all()
     ref = np.mean([scipy.stats.spearmanr(ca[0, 0, t], sm[t])[0] for t in range(T)])
     assert df.loc[0, "r"] == pytest.approx(ref, rel=1e-5)
 
@@ -174,7 +163,9 @@ def test_cumulative_layers(ca, rng, from_top):
     first = df.iloc[0]
     layer = L - 1 if from_top else 0
     assert (first["first_layer"], first["last_layer"]) == (layer, layer)
-    single = C.compare_maps(ca, sm, special=special, views=[f"L{layer}", "all"])
+    single = C.compare_maps(ca, sm, special=special, views=[f"CA L{layer}", "CA all heads"])
+    assert df["map"].iloc[-1] == "CA all heads"
+    assert df["map"].iloc[1] == (f"CA L{L - 2}-L{L - 1}" if from_top else "CA L0-L1")
     close = dict(rel=1e-4, abs=1e-6)  # float32 sums in a different order
     assert first["r"] == pytest.approx(single.loc[0, "r"], **close)
     assert df.iloc[-2]["r"] == pytest.approx(df.iloc[-1]["r"], **close)
@@ -182,7 +173,7 @@ def test_cumulative_layers(ca, rng, from_top):
     two = df.iloc[1]
     layers = [L - 2, L - 1] if from_top else [0, 1]
     heads = [(ly, h) for ly in layers for h in range(H)]
-    expected = C.utterance_score(C.ca_view(ca, heads), sm).mean
+    expected = C.utterance_score(select(ca, heads), sm).mean
     assert two["r"] == pytest.approx(expected, **close) and two["n_layers"] == 2
 
 
@@ -209,9 +200,9 @@ def test_corpus_table_groups_over_utterances(ca, rng):
     df = pd.concat(frames, ignore_index=True)
     table = C.corpus_table(df, seed=1)
     assert len(table) == L * H + L + 1
-    row = table.set_index("view").loc["L0H0"]
+    row = table.set_index("map").loc["CA L0H0"]
     assert row["n"] == 6 and row["n_nan"] == 0 and row["n_nan_tokens"] == 1
-    est = C.bootstrap_ci(df.loc[df["view"] == "L0H0", "r"], seed=1)
+    est = C.bootstrap_ci(df.loc[df["map"] == "CA L0H0", "r"], seed=1)
     assert row["mean"] == pytest.approx(est.mean) and row["low"] == pytest.approx(est.low)
     by_kind = C.corpus_table(df, by=["kind"]).set_index("kind")
     assert by_kind.loc["head", "n"] == 6  # averaged over heads within each utterance

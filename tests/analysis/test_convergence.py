@@ -54,13 +54,13 @@ def table(tiny, tone):
 
 
 def test_every_design_map_and_count_has_a_row(table):
-    assert set(table["design"]) == set(DESIGNS) and set(table["map_name"]) == {"SM_X", "SM_H"}
-    counts = table.groupby("map_name")["n_masks"].unique()  # SM_H: 4x the masks, by default
+    assert set(table["design"]) == set(DESIGNS) and set(table["map"]) == {"SM_X", "SM_H"}
+    counts = table.groupby("map")["n_masks"].unique()  # SM_H: 4x the masks, by default
     assert sorted(counts["SM_X"]) == checkpoints(32) and sorted(counts["SM_H"]) == checkpoints(128)
     assert len(table) == len(DESIGNS) * (len(checkpoints(32)) + len(checkpoints(128)))
     assert table["r"].notna().all()
     # a few complementary masks can leave a max-pooled half map constant: r NaN at 8 masks
-    top = table["n_masks"] == table.groupby("map_name")["n_masks"].transform("max")
+    top = table["n_masks"] == table.groupby("map")["n_masks"].transform("max")
     assert table.loc[top, "half"].notna().all()
     rel = table["reliability"]  # Spearman-Brown is undefined for half-correlations <= -1/2
     assert (rel.notna() == (table["half"] > -0.5)).all() and (rel.dropna().abs() <= 1).all()
@@ -72,8 +72,8 @@ def test_largest_count_replays_explain_exactly(tiny, tone, table):
     options = PerturbationOptions(estimator="mean")
     e = xu.explain(tiny, tone, text="hello there world", n_masks=32, options=options,
                    progress=False)  # fmt: skip
-    full = table["n_masks"] == table.groupby("map_name")["n_masks"].transform("max")
-    top = table[full & (table["design"] == PerturbationOptions().design)].set_index("map_name")
+    full = table["n_masks"] == table.groupby("map")["n_masks"].transform("max")
+    top = table[full & (table["design"] == PerturbationOptions().design)].set_index("map")
     for name, folds in (("SM_X", e.input_saliency_folds), ("SM_H", e.encoder_saliency_folds)):
         expected = reliability(folds, special=e.special).full
         assert math.isclose(top.loc[name, "reliability"], expected, rel_tol=1e-6, abs_tol=1e-9)
@@ -82,8 +82,8 @@ def test_largest_count_replays_explain_exactly(tiny, tone, table):
 def test_control_designs_share_the_plain_designs_forwards(table):
     """Control variates change the estimate, not the masks: at every count the control map
     differs from the plain one (different reliability), yet both exist for the same counts."""
-    plain = table[table["design"] == "iid"].set_index(["map_name", "n_masks"])["reliability"]
-    ctrl = table[table["design"] == "control"].set_index(["map_name", "n_masks"])["reliability"]
+    plain = table[table["design"] == "iid"].set_index(["map", "n_masks"])["reliability"]
+    ctrl = table[table["design"] == "control"].set_index(["map", "n_masks"])["reliability"]
     assert plain.index.equals(ctrl.index)
     assert not np.allclose(plain.to_numpy(), ctrl.to_numpy())
 
@@ -126,7 +126,7 @@ def test_plot_convergence_draws_one_line_per_design(table):
     matplotlib.use("Agg")
     from xattn_utils import plots
 
-    ax = plots.plot_convergence(table, map_name="SM_H", y="reliability", target=0.9)
+    ax = plots.plot_convergence(table, map="SM_H", y="reliability", target=0.9)
     assert len(ax.get_lines()) == len(DESIGNS) + 1  # + the target line
-    ax = plots.plot_convergence(table, map_name="SM_X", y="r")
+    ax = plots.plot_convergence(table, map="SM_X", y="r")
     assert len(ax.get_lines()) == 2 * len(DESIGNS)  # observed and corrected

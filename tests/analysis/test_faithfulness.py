@@ -85,7 +85,7 @@ def test_planted_dependency_beats_random_and_pointing_away_loses():
     options = FaithfulnessOptions(fractions=(0.05, 0.1, 0.2, 0.5), n_random=4)
     result = _toy_curves(_planted, _region_maps(), tr, options)
     dele, ins = result.auc("deletion"), result.auc("insertion")
-    right, wrong, rand = (result.methods.index(m) for m in ("right", "wrong", RANDOM))
+    right, wrong, rand = (result.maps.index(m) for m in ("right", "wrong", RANDOM))
     text = [i + 1 for i in range(len(REGIONS))]
     assert (dele[right, text] < dele[rand, text] - 0.1).all()
     assert (dele[rand, text] < dele[wrong, text]).all()
@@ -94,7 +94,7 @@ def test_planted_dependency_beats_random_and_pointing_away_loses():
     # the right map removes a whole region within its top share: the curve reaches the floor
     torch.testing.assert_close(result.probabilities[right, 0, 3, 3:], torch.full((3,), 0.05))
     table = faithfulness_table(auc_table([result]))
-    gains = table[table["measure"] == "gain_vs_random"].set_index("method")["mean"]
+    gains = table[table["measure"] == "gain_vs_random"].set_index("map")["mean"]
     assert gains["right"] > 0.2 and gains["wrong"] < 0 and gains[RANDOM] == 0
     assert set(table["measure"]) == set(ff.MEASURES) and (table["n"] == 1).all()
     assert (table["tokens"] == len(REGIONS)).all()
@@ -222,7 +222,7 @@ def test_bad_maps_name_the_problem():
         curve_probabilities(lambda o: torch.zeros(1, 4), {"CA": good}, tr.special)
     with pytest.raises(FaithfulnessError, match="unknown mode"):
         _toy_curves(probs, {"CA": good}, tr, FaithfulnessOptions()).auc("ablation")
-    with pytest.raises(FaithfulnessError, match="must include 'method'"):
+    with pytest.raises(FaithfulnessError, match="must include 'map'"):
         faithfulness_table(auc_table([_toy_curves(probs, {"CA": good}, tr, FaithfulnessOptions())]),
                            by=("model",))  # fmt: skip
 
@@ -283,19 +283,19 @@ def _direct(tiny, audio, tr: Transcript, occluded_enc: torch.Tensor | None) -> t
 def test_time_maps_are_token_by_enc_frame(explanation, gradient):
     grad = gradient
     maps = time_maps(explanation, gradient=grad)
-    assert list(maps) == ["CA (all heads)", "CA (alignment heads)", "SM_X", "SM_H",
+    assert list(maps) == ["CA all heads", "CA alignment heads", "SM_X", "SM_H",
                           "SM_X saliency"]  # fmt: skip
     n_enc = explanation.encoder_saliency.shape[1]
     assert n_enc == 38
     for m in maps.values():
         assert m.shape == (len(explanation.transcript), n_enc) and m.dtype == torch.float32
-    assert list(time_maps(grad)) == ["CA (all heads)", "CA (alignment heads)", "SM_X saliency",
+    assert list(time_maps(grad)) == ["CA all heads", "CA alignment heads", "SM_X saliency",
                                      "SM_H saliency"]  # fmt: skip
 
 
 def test_curves_shapes_and_labels(result, explanation):
     tr = explanation.transcript
-    assert result.methods == ("CA (all heads)", "CA (alignment heads)", "SM_X", "SM_H", RANDOM)
+    assert result.maps == ("CA all heads", "CA alignment heads", "SM_X", "SM_H", RANDOM)
     assert result.probabilities.shape == (5, 2, len(tr), 4)
     assert result.fractions == (0.0, 8 / 38, 23 / 38, 1.0)
     assert result.params["forwards"] <= 2 * 2 * (4 * 2 + 1) + 2
@@ -329,7 +329,7 @@ def test_endpoints_are_the_original_and_the_silent_input(tiny, audio, result, ex
     original = _direct(tiny, audio, tr, None)[evaluated]
     silent = _direct(tiny, audio, tr, torch.ones(38, dtype=torch.bool))[evaluated]
     assert _moved(silent, original)  # occlusion changes the probabilities well beyond noise
-    for i in range(len(result.methods)):  # identical across maps
+    for i in range(len(result.maps)):  # identical across maps
         _close(p[i, 0, :, 0], original)
         _close(p[i, 0, :, -1], silent)
         _close(p[i, 1, :, 0], silent)
@@ -342,7 +342,7 @@ def test_an_interior_point_is_the_forward_with_the_top_frames_occluded(
     """CA has no ties: its order is plain argsort; occlude its top 8 by hand, run it eagerly."""
     tr = explanation.transcript
     t = result.evaluated.index(True)
-    ca = time_maps(explanation)["CA (all heads)"][t]
+    ca = time_maps(explanation)["CA all heads"][t]
     top = torch.argsort(-ca.double(), stable=True)[:8]
     occluded = torch.zeros(38, dtype=torch.bool)
     occluded[top] = True
@@ -360,7 +360,7 @@ def test_store_round_trip_and_reuse_without_forwards(
     key = store.keys()
     assert len(key) == 1 and "faithfulness" in key[0]
     back = Curves.from_tensors(*store.get(key[0]))
-    assert back.transcript == result.transcript and back.methods == result.methods
+    assert back.transcript == result.transcript and back.maps == result.maps
     assert back.fractions == result.fractions and back.params == result.params
     assert torch.equal(back.probabilities.nan_to_num(), result.probabilities.nan_to_num())
     assert back.auc_frame().equals(result.auc_frame())
@@ -380,7 +380,7 @@ def test_store_round_trip_and_reuse_without_forwards(
 
 def test_curves_reject_maps_that_do_not_fit_the_audio(tiny, tone, explanation):
     maps = time_maps(explanation)
-    with pytest.raises(FaithfulnessError, match=r"map 'CA \(all heads\)' has shape"):
+    with pytest.raises(FaithfulnessError, match="map 'CA all heads' has shape"):
         curves(tiny, tone[:16000], explanation.transcript, maps, progress=False)
     with pytest.raises(FaithfulnessError, match="no utterance 'u0'"):
         curves_corpus(tiny, [explanation], [], options=OPTIONS, progress=False)
@@ -392,7 +392,7 @@ def test_a_gradient_map_joins_the_curves_under_its_own_store_key(
     options = FaithfulnessOptions(fractions=(0.5,), n_random=1, max_tokens=1)
     (with_grad,) = curves_corpus(tiny, [explanation], utterances, store=store,
                                  gradients=[gradient], options=options, progress=False)  # fmt: skip
-    assert with_grad.methods == (*result.methods[:-1], "SM_X saliency", RANDOM)
+    assert with_grad.maps == (*result.maps[:-1], "SM_X saliency", RANDOM)
     assert with_grad.probabilities.shape[:2] == (6, 2) and len(store.keys()) >= 2
     with pytest.raises(FaithfulnessError, match="gradient explanations for"):
         curves_corpus(tiny, [explanation], utterances, gradients=[], options=options)

@@ -96,14 +96,14 @@ def _planted(gain: float, n: int = 6, seed: int = 0) -> findings.Evidence:
     for u in range(n):
         for comparison, map_name in (("CA vs SM_X", "SM_X"), ("CA vs SM_H", "SM_H")):
             base = {"utterance": f"u{u}", "model": "m", "task": "transcribe",
-                    "comparison": comparison, "map_name": map_name}  # fmt: skip
+                    "comparison": comparison, "against": map_name}  # fmt: skip
             for layer in range(2):
                 for head in range(2):
                     r = 0.3 + layer * gain + rng.normal(0, 0.02)
-                    rows.append(base | {"view": f"L{layer}H{head}", "kind": "head", "r": r})
-                rows.append(base | {"view": f"L{layer}", "kind": "layer",
+                    rows.append(base | {"map": f"CA L{layer}H{head}", "kind": "head", "r": r})
+                rows.append(base | {"map": f"CA L{layer}", "kind": "layer",
                                     "r": 0.3 + layer * gain + rng.normal(0, 0.02)})  # fmt: skip
-            rows.append(base | {"view": "all", "kind": "all", "r": 0.3 + 2 * gain})
+            rows.append(base | {"map": "CA all heads", "kind": "all", "r": 0.3 + 2 * gain})
     return findings.Evidence(pd.DataFrame(rows), pd.DataFrame(), n_boot=500)
 
 
@@ -217,9 +217,9 @@ def test_notebook_pages_link_back_to_the_index(tmp_path):
 )
 def test_context_mixing_finding_reads_notebook_07s_gap_table(share, low, high, expected):
     gaps = pd.DataFrame([
-        {"model": "m", "subset": "all", "view": "CA -> input", "mean": share, "low": low,
+        {"model": "m", "subset": "all", "map": "CA -> input", "mean": share, "low": low,
          "high": high, "n": 4},
-        {"model": "m", "subset": "real", "view": "CA -> input", "mean": 9.0, "low": 9.0,
+        {"model": "m", "subset": "real", "map": "CA -> input", "mean": 9.0, "low": 9.0,
          "high": 9.0, "n": 2},
     ])  # fmt: skip
     ev = findings.Evidence(pd.DataFrame(), pd.DataFrame(), extras={"context_mixing": gaps})

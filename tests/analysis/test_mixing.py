@@ -128,8 +128,8 @@ def test_norm_weighted_view_equals_hand_computation(tiny, states):
 def _table(x0, h0, x1, rx, rh) -> pd.DataFrame:
     rows = []
     for u, vals in enumerate(zip(x0, h0, x1, strict=True)):
-        for view, r_x in (("CA", vals[0]), ("CA -> input", vals[2])):
-            rows.append({"model": "m", "subset": "s", "utterance": f"u{u}", "view": view,
+        for name, r_x in (("CA all heads", vals[0]), ("CA -> input", vals[2])):
+            rows.append({"model": "m", "subset": "s", "utterance": f"u{u}", "map": name,
                          "r_x": r_x, "r_h": vals[1], "reliability_x": rx,
                          "reliability_h": rh})  # fmt: skip
     return pd.DataFrame(rows)

@@ -27,6 +27,7 @@ import dataclasses
 from types import SimpleNamespace
 
 import numpy as np
+import pandas as pd
 import pytest
 import scipy.ndimage
 import torch
@@ -215,6 +216,9 @@ def test_word_timings_from_cross_attention(tiny, tone):
     )
     with pytest.raises(ValueError, match="alignment heads"):
         T.word_timings(ca.scores, ca.transcript)
+    # a view label or View picks the same heads as the pairs
+    layer_1 = [(1, h) for h in range(tiny.n_heads)]
+    assert T.word_timings(ca, heads="CA L1") == T.word_timings(ca, heads=layer_1)
     m = T.timing_matrix(ca.scores[1])
     assert m.shape == ca.scores.shape[2:]
 
@@ -406,10 +410,11 @@ def planted_table():
 def test_timing_table_recovers_planted_word_times(planted_table):
     t = planted_table.set_index(["utterance", "map"])
     assert set(t.loc["u1"].index) == {
-        "CA alignment", "CA all", "CA best layer", "SM_H", "SM_X", "gold",
+        "CA alignment heads", "CA all heads", "CA best layer", "SM_H", "SM_X", "gold",
     }  # fmt: skip
-    assert t.loc[("u1", "CA best layer"), "view"] == "L1"  # the planted layer, not the noise
-    for name in ["CA alignment", "CA best layer", "SM_H", "SM_X", "gold"]:
+    assert t.loc[("u1", "CA best layer"), "layer"] == 1  # the planted layer, not the noise
+    assert t.loc[("u1", "SM_H"), "layer"] is pd.NA
+    for name in ["CA alignment heads", "CA best layer", "SM_H", "SM_X", "gold"]:
         row = t.loc[("u1", name)]
         assert row["mae_ms"] == pytest.approx(0, abs=1e-6), name
         assert row["within_50ms"] == 1 and row["f1_50ms"] == 1 and row["n_matched_words"] == 6
@@ -471,11 +476,11 @@ def test_plot_timing_errors_returns_axes(planted_table):
 
     ax = plots.plot_timing_errors(T.boundary_errors(planted_table))
     labels = [t.get_text() for t in ax.get_yticklabels()]
-    assert labels[:4] == ["CA alignment", "CA all", "CA best layer", "SM_H"]
+    assert labels[:4] == ["CA alignment heads", "CA all heads", "CA best layer", "SM_H"]
     summary = T.timing_summary(planted_table)
     ax = plots.plot_timing_errors(summary, metric="within_50ms")
     assert [t.get_text() for t in ax.get_xticklabels()][:3] == [
-        "CA alignment", "CA all", "CA best layer",
+        "CA alignment heads", "CA all heads", "CA best layer",
     ]  # fmt: skip
     assert len(ax.get_legend().get_texts()) == 3  # all, synthetic, real
     for empty in [T.boundary_errors(T.timing_table([], [])), summary.iloc[:0]]:

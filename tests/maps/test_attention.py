@@ -3,7 +3,7 @@ import torch
 
 import xattn_utils as xu
 from xattn_utils.audio import n_enc_frames
-from xattn_utils.maps.attention import head_mean
+from xattn_utils.maps.views import select
 
 
 def test_shapes_and_rows_sum_to_one(tiny, tone):
@@ -39,11 +39,12 @@ def test_equals_huggingface_cross_attentions(tiny, tone):
 
 def test_aggregation(tiny, tone):
     ca = xu.cross_attention(tiny, tone, text="hello")
-    torch.testing.assert_close(ca.mean(), ca.scores.mean(dim=(0, 1)))
-    torch.testing.assert_close(ca.mean([(1, 2)]), ca.scores[1, 2])
-    torch.testing.assert_close(ca.mean("alignment"), head_mean(ca.scores, [(1, 0), (1, 1)]))
-    layer = head_mean(ca.scores, [(0, h) for h in range(tiny.n_heads)])
-    torch.testing.assert_close(layer, ca.scores[0].mean(0))
+    torch.testing.assert_close(select(ca), ca.scores.mean(dim=(0, 1)))
+    torch.testing.assert_close(select(ca, [(1, 2)]), ca.scores[1, 2])
+    assert ca.alignment_heads  # the CrossAttention brings its model's alignment heads
+    expected = torch.stack([ca.scores[ly, hd] for ly, hd in ca.alignment_heads]).mean(0)
+    torch.testing.assert_close(select(ca, "CA alignment heads"), expected)
+    torch.testing.assert_close(select(ca, "CA L0"), ca.scores[0].mean(0))
     frame = ca.to_frame([(0, 1)])
     assert len(frame) == len(ca.tokens) * ca.scores.shape[-1]
     assert set(frame.columns) >= {"token", "time_s", "layer", "head", "value"}

@@ -16,9 +16,10 @@ import pytest  # noqa: E402
 from matplotlib.axes import Axes  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 
-from xattn_utils import compare, plots, report, widgets  # noqa: E402
+from xattn_utils import compare, plots, report, views, widgets  # noqa: E402
 from xattn_utils.maps.perturbation import PerturbationOptions  # noqa: E402
 from xattn_utils.maps.saliency import explain  # noqa: E402
+from xattn_utils.maps.views import View  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +71,9 @@ def test_spectrogram_is_the_speech_part_of_the_input(spectrogram, explanations):
 
 
 @pytest.mark.parametrize(
-    "overlays", [("SM_X", "CA", "SM_H"), ("SM_X",), ("CA",), ()], ids=lambda o: "+".join(o)
+    "overlays",
+    [("SM_X", "CA all heads", "SM_H"), ("SM_X",), ("CA L1",), ()],
+    ids=lambda o: "+".join(o),
 )
 def test_plot_spectrogram(explanations, spectrogram, overlays):
     ax = plots.plot_spectrogram(explanations[0], spectrogram, overlays=overlays, token=2)
@@ -81,15 +84,22 @@ def test_plot_spectrogram(explanations, spectrogram, overlays):
 
 def test_plot_spectrogram_without_spectrogram_draws_on_given_axes(explanations):
     _, ax = plt.subplots()
-    assert plots.plot_spectrogram(explanations[0], view="L1H0", ax=ax) is ax
+    assert plots.plot_spectrogram(explanations[0], overlays=("CA L1H0",), ax=ax) is ax
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["CA L1H0"]
 
 
-@pytest.mark.parametrize("which", plots.MAPS)
-@pytest.mark.parametrize("view", ["all", "L0", "L1H2", "alignment", (0, 1)], ids=str)
-def test_plot_token_map(explanations, which, view):
+@pytest.mark.parametrize(
+    "map_",
+    ["SM_H", "SM_X", "CA all heads", "CA L0", "CA L1H2", "CA alignment heads", View.of_head(0, 1)],
+    ids=str,
+)
+def test_plot_token_map(explanations, map_):
     e = explanations[0]
-    ax = plots.plot_token_map(e, which, view=view, highlight=1)
+    ax = plots.plot_token_map(e, map_, highlight=1)
     assert isinstance(ax, Axes)
+    assert ax.get_title() == (map_ if isinstance(map_, str) else map_.label).replace(
+        "SM_X", "SM_X (max-pooled)"
+    )
     n_text = sum(not s for s in e.special)
     assert [t.get_text() for t in ax.get_yticklabels()] == [
         t for t, s in zip(e.tokens, e.special, strict=True) if not s
@@ -101,44 +111,46 @@ def test_plot_token_map(explanations, which, view):
 def test_token_map_shapes_and_errors(explanations):
     e = explanations[0]
     n_tok, n_enc = e.encoder_saliency.shape
-    for which in plots.MAPS:
-        assert plots.token_map(e, which).shape == (n_tok, n_enc)
+    for name in plots.MAPS:
+        assert plots.token_map(e, name).shape == (n_tok, n_enc)
+    with pytest.raises(ValueError, match="out-of-range"):
+        plots.token_map(e, "CA L9")
     with pytest.raises(ValueError, match="unknown CA view"):
-        plots.token_map(e, "CA", view="L9")
-    with pytest.raises(ValueError, match="which must be"):
+        plots.token_map(e, "CA everything")
+    with pytest.raises(ValueError, match="map must be"):
         plots.token_map(e, "attention")
 
 
 def test_plot_head_heatmap_marks_alignment_heads(table, explanations):
     heads = explanations[0].alignment_heads
     summary = compare.corpus_table(table[table["kind"] == "head"])
-    ax = plots.plot_head_heatmap(summary, map_name="SM_X", alignment_heads=heads)
+    ax = plots.plot_head_heatmap(summary, against="SM_X", alignment_heads=heads)
     assert isinstance(ax, Axes)
     outlined = [p for p in ax.patches if isinstance(p, Rectangle) and not p.get_fill()]
     assert len(outlined) == len(heads)
-    one_utterance = table[(table["utterance"] == "u0") & (table["map_name"] == "SM_H")]
+    one_utterance = table[(table["utterance"] == "u0") & (table["against"] == "SM_H")]
     assert isinstance(plots.plot_head_heatmap(one_utterance), Axes)  # column r
     with pytest.raises(ValueError, match="no per-head rows"):
         plots.plot_head_heatmap(table[table["kind"] == "layer"])
 
 
 def test_plot_correlations(table):
-    by_kind = compare.corpus_table(table[table["kind"] != "saliency"], by=["map_name", "kind"])
+    by_kind = compare.corpus_table(table[table["kind"] != "saliency"], by=["against", "kind"])
     ax = plots.plot_correlations(by_kind)
     assert isinstance(ax, Axes)
     labels = [t.get_text() for t in ax.get_xticklabels()]
     assert labels == ["single head", "one layer", "alignment heads", "all heads"]
     layers = compare.corpus_table(table[table["kind"].isin(["layer", "all"])])
-    ax = plots.plot_correlations(layers[layers["map_name"] == "SM_X"], x="view", hue=None)
-    assert [t.get_text() for t in ax.get_xticklabels()] == ["L0", "L1", "all heads"]
+    ax = plots.plot_correlations(layers[layers["against"] == "SM_X"], x="map", hue=None)
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["CA L0", "CA L1", "CA all heads"]
     with pytest.raises(ValueError, match="several rows"):
-        plots.plot_correlations(layers, x="view", hue=None)
+        plots.plot_correlations(layers, x="map", hue=None)
 
 
 def test_plot_cumulative(explanations, utterances):
     cumulative = report.cumulative_table(explanations, utterances)
     assert isinstance(plots.plot_cumulative(cumulative), Axes)  # per utterance: seaborn CIs
-    summary = compare.corpus_table(cumulative, by=["map_name", "kind", "n_layers"])
+    summary = compare.corpus_table(cumulative, by=["against", "kind", "n_layers"])
     ax = plots.plot_cumulative(summary)
     assert isinstance(ax, Axes)
     assert list(ax.get_xticks()) == [1, 2]
@@ -154,7 +166,8 @@ def test_set_theme_is_idempotent():
 def test_explorer_figure_and_widget(explanations, utterances, spectrogram):
     fig = widgets.explorer_figure(explanations[0], spectrogram, token=3, layer=1, head=0)
     assert len(fig.axes) >= 4  # spectrogram, three token maps (+ colorbars)
-    assert "layer 1 head 0" in fig.axes[1].get_title()
+    assert fig.axes[1].get_title() == "CA L1H0"
+    assert widgets.ca_view(1) == View.of_layer(1) and widgets.ca_view() == View.all()
     with pytest.raises(ValueError, match="choose a layer"):
         widgets.explorer_figure(explanations[0], head=1)
     pytest.importorskip("ipywidgets")
@@ -169,7 +182,8 @@ def test_explorer_figure_and_widget(explanations, utterances, spectrogram):
 
 
 def test_correlation_table(table, explanations):
-    n_views = len(compare.ca_views(explanations[0].cross_attention, alignment_heads=[(1, 0)]))
+    n_layers, n_heads = explanations[0].cross_attention.shape[:2]
+    n_views = len(views.standard(n_layers, n_heads, alignment_heads=[(1, 0)]))
     per_utt = table.groupby("utterance").size()
     assert (per_utt == 2 * n_views + 1).all()  # CA views x (SM_X, SM_H) + SM_X vs SM_H
     assert set(table["comparison"]) == set(report.COMPARISONS)
@@ -194,7 +208,7 @@ def test_headline_and_gap_tables(table):
 
 def test_reliability_and_attenuation_tables(explanations, utterances, table):
     rel = report.reliability_table(explanations, utterances)
-    assert len(rel) == 4 and set(rel["map_name"]) == {"SM_X", "SM_H"}
+    assert len(rel) == 4 and set(rel["map"]) == {"SM_X", "SM_H"}
     assert rel["half"].dropna().between(-1, 1).all()
     att = report.attenuation_table(table, rel)
     assert len(att) == 4  # (synthetic, real) x (SM_X, SM_H)
@@ -226,8 +240,8 @@ def test_headline_carries_reliability_and_corrected_r(explanations, utterances, 
     head = report.headline(table, rel)
     assert {"reliability", "r_corrected", "r_corrected_low", "r_corrected_high"} <= set(head)
     for row in head.itertuples():
-        map_name = row.comparison.split()[-1]  # "CA vs SM_X" -> "SM_X"
-        expected = rel[rel["map_name"] == map_name]["full"].mean()
+        sm = row.comparison.split()[-1]  # "CA vs SM_X" -> "SM_X"
+        expected = rel[rel["map"] == sm]["full"].mean()
         assert row.reliability == pytest.approx(expected, nan_ok=True)
     ok = head["reliability"] > 0
     assert (np.sign(head.loc[ok, "r_corrected"]) == np.sign(head.loc[ok, "mean"])).all()
@@ -237,10 +251,10 @@ def test_index_states_the_maps_reliability(tmp_path):
     metrics = tmp_path / "metrics"
     metrics.mkdir()
     pd.DataFrame([
-        {"model": "tiny.en", "task": "transcribe", "map_name": "SM_X",
+        {"model": "tiny.en", "task": "transcribe", "map": "SM_X",
          "design": PerturbationOptions().design, "n_masks": 128, "mean": 0.05,
          "masks_for_0.9": 21000.0, "extrapolated": True},
-        {"model": "tiny.en", "task": "transcribe", "map_name": "SM_X", "design": "no-default",
+        {"model": "tiny.en", "task": "transcribe", "map": "SM_X", "design": "no-default",
          "n_masks": 128, "mean": 0.06, "masks_for_0.9": 19000.0, "extrapolated": True},
     ]).to_csv(metrics / "06_convergence.tiny.en_headline.csv", index=False)  # fmt: skip
     page = report.write_index(tmp_path, ["06_convergence.tiny.en"], {}, 60).read_text()

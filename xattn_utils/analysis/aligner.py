@@ -48,7 +48,8 @@ from ..audio import (
     load_audio,
     n_enc_frames,
 )
-from ..maps.attention import CrossAttention, all_heads, forward_attention
+from ..maps.attention import CrossAttention, forward_attention
+from ..maps.views import View
 from ..model.decode import (
     DecodeError,
     Transcript,
@@ -285,7 +286,7 @@ def choose_heads(
             )
         return list(ca.alignment_heads)
     if method.heads == "all":
-        return all_heads(ca.scores)
+        return list(View.all().pairs(*ca.scores.shape[:2]))
     if method.heads == "calibrated":
         if not calibrated:
             raise ValueError(f"no calibration for {ca.model}: run xattn calibrate first")

@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from ..maps.attention import all_heads
+from ..maps.views import View
 from ..model.loading import LoadedModel
 from .aligner import (
     Alignment,
@@ -71,7 +71,9 @@ def fit_calibration(
     if not items:
         raise ValueError("calibration needs at least one utterance with gold word timings")
     scores = items[0].alignment.ca.scores
-    single = {h: _objective(_pooled(items, method, [h])) for h in all_heads(scores)}
+    single = {
+        h: _objective(_pooled(items, method, [h])) for h in View.all().pairs(*scores.shape[:2])
+    }
     ranked = sorted(single, key=single.get, reverse=True)
     best_k = max(range(1, max_heads + 1),
                  key=lambda k: _objective(_pooled(items, method, ranked[:k])))  # fmt: skip
@@ -189,7 +191,7 @@ def method_table(
     for name, per_utt in scores.items():
         for uid, score in per_utt.items():
             labels = {"model": loaded.name, "task": "transcribe", "subset": subsets[uid]}
-            labels |= {"utterance": uid, "map": name, "view": ""}
+            labels |= {"utterance": uid, "map": name, "layer": None}
             rows.append(labels | score.to_frame().to_dict("records")[0] | {"score": score})
     return pd.DataFrame(rows)
 

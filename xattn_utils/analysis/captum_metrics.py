@@ -76,21 +76,21 @@ class CaptumMetricOptions:
 
 @dataclass(frozen=True, eq=False)
 class CaptumMetrics:
-    """Captum's metrics of one utterance's maps: ``infidelity`` (methods, tokens), NaN for
-    tokens not evaluated; ``sensitivity`` (methods,), NaN for ``"random"``."""
+    """Captum's metrics of one utterance's maps: ``infidelity`` (maps, tokens), NaN for
+    tokens not evaluated; ``sensitivity`` (maps,), NaN for ``"random"``."""
 
     utterance: str
     model: str
     task: str
-    methods: tuple[str, ...]
+    maps: tuple[str, ...]
     tokens: tuple[str, ...]
     infidelity: torch.Tensor
     sensitivity: torch.Tensor
     params: dict = field(default_factory=dict)
 
     def to_frame(self) -> pd.DataFrame:
-        """One row per method: the mean infidelity over the evaluated tokens, the sensitivity
-        and the number of tokens (``utterance, model, task, method, infidelity,
+        """One row per map: the mean infidelity over the evaluated tokens, the sensitivity
+        and the number of tokens (``utterance, model, task, map, infidelity,
         sensitivity_max, tokens``)."""
         inf = self.infidelity.double().numpy()
         evaluated = np.isfinite(inf).any(0)
@@ -99,12 +99,12 @@ class CaptumMetrics:
                 "utterance": self.utterance,
                 "model": self.model,
                 "task": self.task,
-                "method": m,
+                "map": m,
                 "infidelity": float(np.nanmean(inf[i])) if evaluated.any() else math.nan,
                 "sensitivity_max": float(self.sensitivity[i]),
                 "tokens": int(evaluated.sum()),
             }
-            for i, m in enumerate(self.methods)
+            for i, m in enumerate(self.maps)
         ]
         return pd.DataFrame(rows)
 
@@ -114,7 +114,7 @@ class CaptumMetrics:
             "utterance": self.utterance,
             "model": self.model,
             "task": self.task,
-            "methods": list(self.methods),
+            "maps": list(self.maps),
             "tokens": list(self.tokens),
             "params": self.params,
         }
@@ -130,7 +130,7 @@ class CaptumMetrics:
             utterance=record["utterance"],
             model=record["model"],
             task=record["task"],
-            methods=tuple(record["methods"]),
+            maps=tuple(record["maps"]),
             tokens=tuple(record["tokens"]),
             infidelity=tensors["infidelity"],
             sensitivity=tensors["sensitivity"],
@@ -184,7 +184,7 @@ def infidelities(
     seed: int = 0,
 ) -> torch.Tensor:
     """Captum's normalised infidelity of every map (and ``"random"``) for ``tokens``: shape =
-    (methods, len(tokens)); the same occlusions for every map and token."""
+    (maps, len(tokens)); the same occlusions for every map and token."""
     gen = torch.Generator().manual_seed(seed)
     n = options.n_infidelity
     drops = (torch.rand(n, n_enc, generator=gen) < options.occlusion).double()
@@ -219,7 +219,7 @@ def sensitivities(
     seed: int = 0,
 ) -> torch.Tensor:
     """Captum's ``sensitivity_max`` of every map of :func:`time_maps` (and NaN for
-    ``"random"``) over the rows ``tokens``: shape = (methods,)."""
+    ``"random"``) over the rows ``tokens``: shape = (maps,)."""
     n_mel = explanation.input_saliency.shape[1]
     n_enc = explanation.encoder_saliency.shape[1]
     cells = mel[0, :, :n_mel].T[None].double().cpu()
@@ -325,7 +325,7 @@ def captum_metrics(
         utterance=explanation.utterance,
         model=explanation.model,
         task=tr.task,
-        methods=(*maps, RANDOM),
+        maps=(*maps, RANDOM),
         tokens=tr.tokens,
         infidelity=inf.float(),
         sensitivity=sens.float(),
@@ -384,7 +384,7 @@ def captum_metrics_corpus(
 def captum_table(
     results: Sequence[CaptumMetrics],
     *,
-    by: Sequence[str] = ("model", "task", "method"),
+    by: Sequence[str] = ("model", "task", "map"),
     n_boot: int = 2000,
     seed: int = 0,
 ) -> pd.DataFrame:

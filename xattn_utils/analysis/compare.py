@@ -1,4 +1,4 @@
-"""Compare cross-attention (CA) with saliency maps: pooling, CA views, correlations, CIs.
+"""Compare cross-attention (CA) with saliency maps: pooling, correlations, CIs.
 
 Shapes: CA ``(layers, heads, tokens, enc_frames)``, SM_X ``(tokens, mel_frames, mel_bins)``,
 SM_H ``(tokens, enc_frames)``. Inputs may be torch tensors or numpy arrays; maps come back as
@@ -27,13 +27,14 @@ import torch.nn.functional as F
 from scipy.stats import rankdata
 
 from xattn_utils.audio import ENC_SUBSAMPLING
+from xattn_utils.maps.views import View, parse, select, standard
 
 # agreement of SM_X estimators with held-out high-mask references (benchmarks/estimators.py)
 REFERENCE_ROOT = Path(__file__).resolve().parents[2] / "data" / "reference"
 
 Array = torch.Tensor | np.ndarray
 Head = tuple[int, int]
-Method = Literal["pearson", "spearman"]
+Correlation = Literal["pearson", "spearman"]
 Pooling = Literal["max", "mean", "sum"]
 _CHUNK = 64  # views correlated at once in compare_maps
 
@@ -108,77 +109,10 @@ def normalize(
     return torch.where(span > 0, (x - low) / span.clamp_min(1e-30), torch.zeros_like(x))
 
 
-# -- CA views -----------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class View:
-    """A named set of (layer, head) pairs whose CA is averaged."""
-
-    name: str
-    kind: str  # head | layer | all | alignment | custom
-    heads: tuple[Head, ...]
-    layer: int | None = None
-    head: int | None = None
-
-
-def view_specs(
-    n_layers: int,
-    n_heads: int,
-    *,
-    alignment_heads: Sequence[Head] | None = None,
-    extra: Mapping[str, Sequence[Head]] | None = None,
-) -> list[View]:
-    """All views: ``"all"``, ``"L{l}"`` per layer, ``"L{l}H{h}"`` per head, alignment, extras."""
-    pairs = [(ly, hd) for ly in range(n_layers) for hd in range(n_heads)]
-    views = [View("all", "all", tuple(pairs))]
-    for ly in range(n_layers):
-        views.append(View(f"L{ly}", "layer", tuple((ly, hd) for hd in range(n_heads)), layer=ly))
-    views += [View(f"L{ly}H{hd}", "head", ((ly, hd),), layer=ly, head=hd) for ly, hd in pairs]
-    if alignment_heads:
-        views.append(View("alignment", "alignment", tuple(map(tuple, alignment_heads))))
-    for name, heads in (extra or {}).items():
-        if any(v.name == name for v in views):
-            raise ValueError(f"custom view name {name!r} clashes with a built-in view")
-        views.append(View(name, "custom", tuple(map(tuple, heads))))
-    for v in views:
-        bad = [p for p in v.heads if not (0 <= p[0] < n_layers and 0 <= p[1] < n_heads)]
-        if bad or not v.heads:
-            raise ValueError(f"view {v.name!r}: empty or out-of-range (layer, head) pairs {bad}")
-    return views
-
-
-def ca_view(ca: Array, heads: Sequence[Head]) -> torch.Tensor:
-    """Plain mean of CA over ``heads``, shape = (tokens, enc_frames)."""
-    x = _tensor(ca)
-    if not heads:
-        raise ValueError("heads is empty")
-    layers, hs = zip(*heads, strict=True)
-    return x[list(layers), list(hs)].mean(0)
-
-
-def ca_views(
-    ca: Array,
-    *,
-    alignment_heads: Sequence[Head] | None = None,
-    extra: Mapping[str, Sequence[Head]] | None = None,
-) -> dict[str, torch.Tensor]:
-    """Every view of CA ``(layers, heads, tokens, enc_frames)``; each (tokens, enc_frames).
-
-    Names: ``"all"``, ``"L{l}"`` (mean over the layer's heads), ``"L{l}H{h}"``, ``"alignment"``
-    (if ``alignment_heads``) and the keys of ``extra``: L*H + L + 1 (+1) (+ len(extra)) views.
-    """
-    x = _tensor(ca)
-    if x.ndim != 4:
-        raise ValueError(f"CA must be (layers, heads, tokens, enc_frames), got {tuple(x.shape)}")
-    specs = view_specs(x.shape[0], x.shape[1], alignment_heads=alignment_heads, extra=extra)
-    return {v.name: ca_view(x, v.heads) for v in specs}
-
-
 # -- correlations -------------------------------------------------------------------------------
 
 
-def token_correlations(a: Array, b: Array, *, method: Method = "pearson") -> np.ndarray:
+def token_correlations(a: Array, b: Array, *, correlation: Correlation = "pearson") -> np.ndarray:
     """Correlation of each row of ``a`` with the row of ``b`` over the last axis (frames).
 
     shape = (..., tokens, frames) x (tokens, frames) -> (..., tokens) (numpy broadcasting).
@@ -188,10 +122,10 @@ def token_correlations(a: Array, b: Array, *, method: Method = "pearson") -> np.
     x, y = _numpy64(a), _numpy64(b)
     if x.shape[-1] < 2 or x.shape[-1] != y.shape[-1]:
         raise ValueError(f"need equal frame counts >= 2, got {x.shape} and {y.shape}")
-    if method == "spearman":
+    if correlation == "spearman":
         x, y = rankdata(x, axis=-1), rankdata(y, axis=-1)
-    elif method != "pearson":
-        raise ValueError(f"method must be 'pearson' or 'spearman', got {method!r}")
+    elif correlation != "pearson":
+        raise ValueError(f"correlation must be 'pearson' or 'spearman', got {correlation!r}")
     constant = np.logical_or(x.max(-1) == x.min(-1), y.max(-1) == y.min(-1))
     xc = x - x.mean(-1, keepdims=True)
     yc = y - y.mean(-1, keepdims=True)
@@ -209,7 +143,7 @@ class UtteranceScore:
     mean: float
     n_tokens: int
     n_nan: int
-    method: str = "pearson"
+    correlation: str = "pearson"
 
     def to_frame(self) -> pd.DataFrame:
         return pd.DataFrame([asdict(self)])
@@ -225,17 +159,21 @@ def _summarise(r: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def utterance_score(
-    a: Array, b: Array, *, method: Method = "pearson", keep: Sequence[bool] | None = None
+    a: Array,
+    b: Array,
+    *,
+    correlation: Correlation = "pearson",
+    keep: Sequence[bool] | None = None,
 ) -> UtteranceScore:
     """Mean per-token correlation of two (tokens, enc_frames) maps over the ``keep`` tokens."""
-    r = token_correlations(a, b, method=method)
+    r = token_correlations(a, b, correlation=correlation)
     if keep is not None:
         mask = np.asarray(keep, dtype=bool)
         if mask.shape != r.shape:
             raise ValueError(f"keep has shape {mask.shape}, expected {r.shape}")
         r = r[mask]
     mean, n, n_nan = _summarise(r)
-    return UtteranceScore(float(mean), int(n), int(n_nan), method)
+    return UtteranceScore(float(mean), int(n), int(n_nan), correlation)
 
 
 # -- one utterance, many views ------------------------------------------------------------------
@@ -266,12 +204,13 @@ def _prepare(
 
 
 def _frame(
-    stacks: list[torch.Tensor], sm: torch.Tensor, method: Method, labels: dict
+    stacks: list[torch.Tensor], sm: torch.Tensor, correlation: Correlation, labels: dict
 ) -> pd.DataFrame:
     """Tidy rows: ``labels`` columns, then mean r, n_tokens and n_nan of each stacked view."""
-    r = np.concatenate([token_correlations(st, sm, method=method) for st in stacks])
+    r = np.concatenate([token_correlations(st, sm, correlation=correlation) for st in stacks])
     mean, n, n_nan = _summarise(r)  # r: (views, tokens)
-    return pd.DataFrame({**labels, "method": method, "r": mean, "n_tokens": n, "n_nan": n_nan})
+    row = {"correlation": correlation, "r": mean, "n_tokens": n, "n_nan": n_nan}
+    return pd.DataFrame({**labels, **row})
 
 
 def compare_maps(
@@ -281,11 +220,11 @@ def compare_maps(
     special: Sequence[bool],
     alignment_heads: Sequence[Head] | None = None,
     extra: Mapping[str, Sequence[Head]] | None = None,
-    views: Sequence[str] | None = None,
-    method: Method = "pearson",
+    views: Sequence[View | str] | None = None,
+    correlation: Correlation = "pearson",
     include_special: bool = False,
     pooling: Pooling = "max",
-    map_name: str | None = None,
+    against: str | None = None,
     utterance: str | None = None,
 ) -> pd.DataFrame:
     """Correlate every CA view with one saliency map of one utterance.
@@ -293,31 +232,35 @@ def compare_maps(
     ``sm`` is SM_H (tokens, enc_frames) or SM_X (tokens, mel_frames, mel_bins), pooled onto
     the encoder grid with ``pooling``. Token counts must match; both maps are cropped to the
     shorter time axis (CA is often 1500 enc frames, saliency only the audio's). ``special``
-    marks prompt tokens, left out unless ``include_special``. ``views`` picks view names
-    (default all, see :func:`ca_views`). One tidy row per view: ``utterance, map_name, view,
-    kind, layer, head, method, r, n_tokens, n_nan``.
+    marks prompt tokens, left out unless ``include_special``. ``views`` picks views (labels or
+    :class:`~xattn_utils.maps.views.View`; default :func:`~xattn_utils.maps.views.standard`, with
+    the named head lists of ``extra``). One tidy row per view: ``utterance, against`` (the saliency
+    map, "SM_X" or "SM_H"), ``map`` (the view's label, e.g. "CA L3H2"), ``kind, layer, head,
+    correlation, r, n_tokens, n_nan``.
     """
     x, s, default_name = _prepare(ca, sm, special, include_special, pooling)
-    specs = view_specs(x.shape[0], x.shape[1], alignment_heads=alignment_heads, extra=extra)
-    if views is not None:
-        by_name = {v.name: v for v in specs}
-        missing = [n for n in views if n not in by_name]
-        if missing:
-            raise ValueError(f"unknown views {missing}; e.g. 'all', 'L0', 'L0H0', 'alignment'")
-        specs = [by_name[n] for n in views]
+    if views is None:
+        specs = standard(x.shape[0], x.shape[1], alignment_heads=alignment_heads, extra=extra)
+    else:
+        named = {name: View.of_heads(heads, name) for name, heads in (extra or {}).items()}
+        specs = [named[v] if isinstance(v, str) and v in named else parse(v) for v in views]
     if not specs:
         raise ValueError("views is empty")
     chunks = [specs[i : i + _CHUNK] for i in range(0, len(specs), _CHUNK)]
-    stacks = [torch.stack([ca_view(x, v.heads) for v in chunk]) for chunk in chunks]
+    x = x.contiguous()  # one memory layout for every view: the same sums as a gather of heads
+    stacks = [
+        torch.stack([select(x, v, alignment_heads=alignment_heads) for v in chunk])
+        for chunk in chunks
+    ]
     labels = {
         "utterance": utterance,
-        "map_name": map_name or default_name,
-        "view": [v.name for v in specs],
+        "against": against or default_name,
+        "map": [v.label for v in specs],
         "kind": [v.kind for v in specs],
         "layer": pd.array([v.layer for v in specs], dtype="Int64"),
         "head": pd.array([v.head for v in specs], dtype="Int64"),
     }
-    return _frame(stacks, s, method, labels)
+    return _frame(stacks, s, correlation, labels)
 
 
 def cumulative_layers(
@@ -326,17 +269,18 @@ def cumulative_layers(
     *,
     special: Sequence[bool],
     from_top: bool = False,
-    method: Method = "pearson",
+    correlation: Correlation = "pearson",
     include_special: bool = False,
     pooling: Pooling = "max",
-    map_name: str | None = None,
+    against: str | None = None,
     utterance: str | None = None,
 ) -> pd.DataFrame:
-    """r of CA averaged over layers 0..k for each k (``from_top``: layers k..L-1), plus "all".
+    """r of CA averaged over layers 0..k for each k (``from_top``: layers k..L-1), plus all heads.
 
-    Same inputs and cropping as :func:`compare_maps`. Rows: ``view`` ("L0-L3"), ``kind``
-    ("cumulative" or "all"), ``first_layer, last_layer, n_layers, r, n_tokens, n_nan``. The
-    deepest cumulative row equals "all" (every layer has the same number of heads).
+    Same inputs and cropping as :func:`compare_maps`. Rows: ``map`` ("CA L0-L3", the last
+    "CA all heads"), ``kind`` ("cumulative" or "all"), ``first_layer, last_layer, n_layers, r,
+    n_tokens, n_nan``. The deepest cumulative row equals "CA all heads" (every layer has the
+    same number of heads).
     """
     x, s, default_name = _prepare(ca, sm, special, include_special, pooling)
     n_layers = x.shape[0]
@@ -349,20 +293,20 @@ def cumulative_layers(
     spans.append((0, n_layers - 1))
     labels = {
         "utterance": utterance,
-        "map_name": map_name or default_name,
-        "view": [f"L{a}-L{b}" for a, b in spans[:-1]] + ["all"],
+        "against": against or default_name,
+        "map": [View.of_layers(a, b).label for a, b in spans[:-1]] + [View.all().label],
         "kind": ["cumulative"] * n_layers + ["all"],
         "first_layer": [a for a, _ in spans],
         "last_layer": [b for _, b in spans],
         "n_layers": [b - a + 1 for a, b in spans],
     }
-    return _frame([stack], s, method, labels)
+    return _frame([stack], s, correlation, labels)
 
 
 # -- corpus level -------------------------------------------------------------------------------
 
 
-_DEFAULT_BY = ("map_name", "kind", "view", "layer", "head")
+_DEFAULT_BY = ("against", "kind", "map", "layer", "head")
 
 
 @dataclass(frozen=True)
@@ -407,7 +351,7 @@ def corpus_table(
 ) -> pd.DataFrame:
     """Mean, bootstrap CI, ``n`` and ``n_nan`` of ``value`` per group, resampling utterances.
 
-    ``by`` defaults to those of ``map_name, kind, view, layer, head`` that ``df`` has. With a
+    ``by`` defaults to those of ``against, kind, map, layer, head`` that ``df`` has. With a
     fully filled ``utterance`` column, rows are first averaged per utterance within a group
     (skipping NaN), so ``by=["kind"]`` resamples utterances, not heads; otherwise each row is
     one utterance. ``n_tokens`` and ``n_nan_tokens`` sum the rows' token counts when present.
@@ -459,7 +403,7 @@ def reliability(
     special: Sequence[bool] | None = None,
     include_special: bool = False,
     pooling: Pooling = "max",
-    method: Method = "pearson",
+    correlation: Correlation = "pearson",
 ) -> Reliability:
     """Split-half reliability of a map from its two fold maps, shape = (2, tokens, ...): SM_H
     folds (2, tokens, enc_frames) or SM_X folds (2, tokens, mel_frames, mel_bins), pooled."""
@@ -468,7 +412,7 @@ def reliability(
         raise ValueError(f"expected 2 folds, got shape {tuple(f.shape)}")
     a, b = (pool_to_enc(x, how=pooling) if x.ndim == 3 else x for x in f)
     keep = None if special is None or include_special else [not s for s in special]
-    score = utterance_score(a, b, method=method, keep=keep)
+    score = utterance_score(a, b, correlation=correlation, keep=keep)
     return Reliability(
         half=score.mean,
         full=spearman_brown(score.mean),

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
+from ..maps.views import ALL, select
 from .compare import (
     bootstrap_ci,
     corpus_table,
@@ -33,7 +34,7 @@ if TYPE_CHECKING:  # results only: no model code at import time
     from .mixing import EncoderMixing
 
 # raw, norm-weighted, propagated to the input (value-zeroing rollout; with 0.5 identity added)
-VIEWS = ("CA", "CA x |f(x)|", "CA -> input", "CA -> input (+0.5 I)")
+MAPS = (ALL, "CA x |f(x)|", "CA -> input", "CA -> input (+0.5 I)")
 
 
 def _subsets(utterances: Sequence) -> dict[str, str]:
@@ -67,7 +68,7 @@ def layer_table(
 def context_table(
     explanations: Sequence, mixings: Sequence[EncoderMixing], utterances: Sequence = ()
 ) -> pd.DataFrame:
-    """Per utterance and CA view (:data:`VIEWS`: mean over all heads of raw CA, of
+    """Per utterance and CA map (column ``map``, :data:`MAPS`: mean over all heads of raw CA, of
     :func:`~xattn_utils.analysis.compare.norm_weighted` CA and of CA propagated through the
     encoder's rolled-out mixing, as Mohebbi et al. and with half identity added to every layer as a
     residual-aware check), mean per-token r with SM_X (max-pooled to 20 ms) and with SM_H, special
@@ -82,23 +83,23 @@ def context_table(
         if ca.shape[-1] != m.n_speech:
             raise ValueError(f"{e.utterance}: CA has {ca.shape[-1]} enc_frames, mixing "
                              f"{m.n_speech}: not the same audio")  # fmt: skip
-        raw = ca.mean((0, 1))
-        weighted = norm_weighted(ca, m.value_norms).mean((0, 1))
+        raw = select(ca, ALL)
+        weighted = select(norm_weighted(ca, m.value_norms), ALL)
         maps = (raw, weighted, m.propagate(raw), m.propagate(raw, residual=0.5))
-        views = dict(zip(VIEWS, maps, strict=True))
+        maps = dict(zip(MAPS, maps, strict=True))
         sm_x, sm_h = pool_to_enc(e.input_saliency), e.encoder_saliency
         n = min(m.n_speech, sm_x.shape[-1], sm_h.shape[-1])
         keep = [not s for s in e.special]
         rel = {}
-        for name, map_name in (("x", "SM_X"), ("h", "SM_H")):
-            rel[name] = map_reliability(e, map_name)[0]
-        for view, vmap in views.items():
+        for name, sm in (("x", "SM_X"), ("h", "SM_H")):
+            rel[name] = map_reliability(e, sm)[0]
+        for label, vmap in maps.items():
             sx = utterance_score(vmap[:, :n], sm_x[:, :n], keep=keep)
             sh = utterance_score(vmap[:, :n], sm_h[:, :n], keep=keep)
             rows.append({
                 "model": e.model, "task": e.params.get("task", "transcribe"),
                 "subset": subsets.get(e.utterance, "unknown"), "utterance": e.utterance,
-                "view": view, "r_x": sx.mean, "r_h": sh.mean, "reliability_x": rel["x"],
+                "map": label, "r_x": sx.mean, "r_h": sh.mean, "reliability_x": rel["x"],
                 "reliability_h": rel["h"], "n_tokens": sx.n_tokens,
             })  # fmt: skip
     return pd.DataFrame(rows)
@@ -106,8 +107,8 @@ def context_table(
 
 @dataclass(frozen=True)
 class GapClosed:
-    """Share of the gap r(CA, SM_H) - r(CA, SM_X) that a CA ``view`` closes on the input side:
-    ``share = mean[r(view, SM_X) - r(CA, SM_X)] / mean[r(CA, SM_H) - r(CA, SM_X)]`` over ``n``
+    """Share of the gap r(CA, SM_H) - r(CA, SM_X) that a CA ``map`` closes on the input side:
+    ``share = mean[r(map, SM_X) - r(CA, SM_X)] / mean[r(CA, SM_H) - r(CA, SM_X)]`` over ``n``
     utterances, with a 95% percentile bootstrap CI (utterances resampled); ``*_corrected``: the
     same with every r disattenuated by its map's mean reliability in each resample (NaN where a
     mean reliability is not positive); ``gap_corrected`` is the corrected denominator: when
@@ -115,7 +116,7 @@ class GapClosed:
 
     model: str
     subset: str
-    view: str
+    map: str
     n: int
     r_ca_x: float
     r_ca_h: float
@@ -167,13 +168,14 @@ def gap_closed(
     level: float = 0.95,
     seed: int = 0,
 ) -> GapClosed:
-    """How much of the CA-vs-SM_H minus CA-vs-SM_X gap ``view`` closes, over the utterances of a
-    :func:`context_table` (filter it first for one model / subset): see :class:`GapClosed`."""
-    wide = table.pivot_table(index="utterance", columns="view", values="r_x", aggfunc="mean")
-    if "CA" not in wide or view not in wide:
-        raise ValueError(f"table needs views 'CA' and {view!r}, has {list(wide.columns)}")
-    base = table[table["view"] == "CA"].groupby("utterance")
-    cols = pd.concat([wide["CA"].rename("x0"), base["r_h"].mean().rename("h0"),
+    """How much of the CA-vs-SM_H minus CA-vs-SM_X gap the map ``view`` (a :data:`MAPS` label)
+    closes, over the utterances of a :func:`context_table` (filter it first for one model /
+    subset): see :class:`GapClosed`. "CA" there is ``"CA all heads"``."""
+    wide = table.pivot_table(index="utterance", columns="map", values="r_x", aggfunc="mean")
+    if ALL not in wide or view not in wide:
+        raise ValueError(f"table needs maps {ALL!r} and {view!r}, has {list(wide.columns)}")
+    base = table[table["map"] == ALL].groupby("utterance")
+    cols = pd.concat([wide[ALL].rename("x0"), base["r_h"].mean().rename("h0"),
                       wide[view].rename("x1"), base["reliability_x"].mean().rename("rx"),
                       base["reliability_h"].mean().rename("rh")], axis=1)  # fmt: skip
     cols = cols.dropna(subset=["x0", "h0", "x1"])
@@ -205,12 +207,12 @@ def gap_closed(
 def gap_closed_table(
     table: pd.DataFrame,
     *,
-    views: Sequence[str] = VIEWS[1:],
+    views: Sequence[str] = MAPS[1:],
     overall: bool = True,
     n_boot: int = 2000,
     seed: int = 0,
 ) -> pd.DataFrame:
-    """:func:`gap_closed` per model, subset (and ``"all"`` subsets with ``overall``) and view."""
+    """:func:`gap_closed` per model, subset (and ``"all"`` subsets with ``overall``) and map."""
     frames = []
     groups = [(k, g) for k, g in table.groupby(["model", "subset"], sort=False)]
     if overall:

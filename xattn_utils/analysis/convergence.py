@@ -27,11 +27,11 @@ from dataclasses import dataclass, replace
 import numpy as np
 import pandas as pd
 
-from ..maps.attention import head_mean
 from ..maps.corpus import request
 from ..maps.perturbation import DESIGNS, PerturbationError, PerturbationOptions
 from ..maps.prepare import prepare
 from ..maps.spes import encoder_spes_run, input_spes_run
+from ..maps.views import ALL, select
 from ..model.loading import LoadedModel
 from ..store import ResultStore, cached
 from .compare import (
@@ -81,7 +81,7 @@ def convergence(
     if not maps or any(m not in MAPS for m in maps):
         raise PerturbationError(f"maps must be some of {MAPS}, got {list(maps)}")
     prepared = prepare(loaded, audio, text=text, task=task, language=language)
-    ca_all = head_mean(prepared.cross_attention)
+    ca_all = select(prepared.cross_attention, ALL)
     tr = prepared.transcript
     keep = [not s for s in tr.special]
     checkpoints(n_masks)  # fails early on too few masks
@@ -98,7 +98,7 @@ def convergence(
                     rel = reliability(folds, special=tr.special)
                     pooled = pool_to_enc(sm) if sm.ndim == 3 else sm
                     r = utterance_score(ca_all, pooled, keep=keep).mean
-                    rows.append({"map_name": name, "design": design, "n_masks": n,
+                    rows.append({"map": name, "design": design, "n_masks": n,
                                  "half": rel.half, "reliability": rel.full, "r": r,
                                  "r_corrected": float(disattenuate(r, rel.full))})  # fmt: skip
     frame = pd.DataFrame(rows)
@@ -119,7 +119,8 @@ class _Rows:
 
     @classmethod
     def from_tensors(cls, tensors: dict, record: dict) -> _Rows:
-        return cls(pd.DataFrame(record["rows"]))
+        # rows stored before the one vocabulary name the map "map_name"
+        return cls(pd.DataFrame(record["rows"]).rename(columns={"map_name": "map"}))
 
 
 def convergence_corpus(
@@ -195,7 +196,7 @@ def summary_table(
     design needs to match i.i.d. masks' reliability at the largest count, with the ratio
     ``iid forwards / design forwards`` (above 1: the design converges faster)."""
     rows = []
-    keys = [*by, "map_name"]
+    keys = [*by, "map"]
     for key, g in table.groupby(keys, sort=False):
         curves = g.groupby(["design", "n_masks"])[["reliability", "r", "r_corrected"]].mean()
         n_max = int(g["n_masks"].max())
@@ -216,7 +217,7 @@ def summary_table(
 def corrected_table(
     table: pd.DataFrame,
     *,
-    by: Sequence[str] = ("model", "task", "map_name", "design"),
+    by: Sequence[str] = ("model", "task", "map", "design"),
     n_boot: int = 2000,
     seed: int = 0,
 ) -> pd.DataFrame:

@@ -43,14 +43,16 @@ import torch
 from tqdm.auto import tqdm
 
 from ..audio import ENC_SUBSAMPLING, load_audio, n_enc_frames, n_mel_frames
-from ..maps.attention import head_mean
 from ..maps.forwards import forward_batch_size, masked_mel_logits
+from ..maps.views import ALIGNMENT, ALL, select
 from ..model.decode import Transcript, features
 from ..model.loading import LoadedModel, attention_implementation
 from .compare import bootstrap_ci, pool_to_enc
 
 MODES = ("deletion", "insertion")
 RANDOM = "random"
+# map labels of curves stored before the one view vocabulary (xattn_utils.maps.views)
+_LEGACY = {"CA (all heads)": ALL, "CA (alignment heads)": ALIGNMENT}
 MEASURES = ("deletion", "insertion", "gain", "gain_vs_random")
 
 # probabilities of the reference tokens, (batch, tokens), for occlusions (batch, enc_frames)
@@ -112,14 +114,14 @@ class FaithfulnessOptions:
 class Curves:
     """Deletion and insertion curves of one utterance.
 
-    ``probabilities``: reference-token probability, shape = (methods, modes, tokens, steps),
+    ``probabilities``: reference-token probability, shape = (maps, modes, tokens, steps),
     NaN for special tokens and tokens not evaluated (``max_tokens``); ``fractions``: the share
     of speech frames occluded (deletion) or revealed (insertion) at each step, shape =
     (steps,), from 0 to 1. ``params["fractions"]`` holds the requested interior fractions.
     """
 
     transcript: Transcript
-    methods: tuple[str, ...]
+    maps: tuple[str, ...]
     fractions: tuple[float, ...]
     probabilities: torch.Tensor
     model: str
@@ -136,14 +138,14 @@ class Curves:
         return tuple(bool(v) for v in torch.isfinite(self.probabilities[0, 0, :, 0]))
 
     def auc(self, mode: str = "deletion") -> np.ndarray:
-        """Area under each token's curve, shape = (methods, tokens); NaN where not evaluated."""
+        """Area under each token's curve, shape = (maps, tokens); NaN where not evaluated."""
         if mode not in MODES:
             raise FaithfulnessError(f"unknown mode {mode!r}: use one of {MODES}")
         y = self.probabilities[:, MODES.index(mode)].double().numpy()
         return np.trapezoid(y, np.asarray(self.fractions, dtype=np.float64), axis=-1)
 
     def auc_frame(self) -> pd.DataFrame:
-        """One row per (method, evaluated token): ``deletion``, ``insertion`` areas, ``gain`` =
+        """One row per (map, evaluated token): ``deletion``, ``insertion`` areas, ``gain`` =
         insertion - deletion, ``p`` (the token's probability on the original input) and
         ``p_occluded`` (on the fully occluded input)."""
         dele, ins = self.auc("deletion"), self.auc("insertion")
@@ -151,13 +153,13 @@ class Curves:
         p1 = self.probabilities[0, 0, :, -1].double().numpy()
         keep = [t for t, e in enumerate(self.evaluated) if e]
         rows = [
-            {"method": m, "token_index": t, "token": self.tokens[t], "deletion": dele[i, t],
+            {"map": m, "token_index": t, "token": self.tokens[t], "deletion": dele[i, t],
              "insertion": ins[i, t], "gain": ins[i, t] - dele[i, t], "p": p0[t],
              "p_occluded": p1[t]}
-            for i, m in enumerate(self.methods)
+            for i, m in enumerate(self.maps)
             for t in keep
         ]  # fmt: skip
-        columns = ["method", "token_index", "token", "deletion", "insertion", "gain", "p"]
+        columns = ["map", "token_index", "token", "deletion", "insertion", "gain", "p"]
         frame = pd.DataFrame(rows, columns=[*columns, "p_occluded"])
         frame.insert(0, "utterance", self.utterance)
         frame.insert(1, "model", self.model)
@@ -165,7 +167,7 @@ class Curves:
         return frame
 
     def to_frame(self) -> pd.DataFrame:
-        """Tidy curves: one row per (method, mode, evaluated token, step) with ``fraction``
+        """Tidy curves: one row per (map, mode, evaluated token, step) with ``fraction``
         (used), ``target`` (requested: 0, ``params["fractions"]``, 1) and ``probability``."""
         p = self.probabilities.double().numpy()
         targets = [0.0, *self.params.get("fractions", self.fractions[1:-1]), 1.0]
@@ -174,12 +176,12 @@ class Curves:
         keep = [t for t, e in enumerate(self.evaluated) if e]
         rows = [
             (m, mode, t, self.tokens[t], f, target, p[i, j, t, s])
-            for i, m in enumerate(self.methods)
+            for i, m in enumerate(self.maps)
             for j, mode in enumerate(MODES)
             for t in keep
             for s, (f, target) in enumerate(zip(self.fractions, targets, strict=True))
         ]
-        columns = ["method", "mode", "token_index", "token", "fraction", "target", "probability"]
+        columns = ["map", "mode", "token_index", "token", "fraction", "target", "probability"]
         frame = pd.DataFrame(rows, columns=columns)
         frame.insert(0, "utterance", self.utterance)
         frame.insert(1, "model", self.model)
@@ -193,7 +195,7 @@ class Curves:
             "kind": "faithfulness",
             "utterance": self.utterance,
             "model": self.model,
-            "methods": list(self.methods),
+            "maps": list(self.maps),
             "fractions": list(self.fractions),
             "params": self.params,
             "transcript": tr.to_record(),
@@ -204,7 +206,7 @@ class Curves:
     def from_tensors(cls, tensors: Mapping[str, torch.Tensor], record: dict) -> Curves:
         return cls(
             transcript=Transcript.from_record(record["transcript"]),
-            methods=tuple(record["methods"]),
+            maps=tuple(_LEGACY.get(m, m) for m in record.get("maps", record.get("methods"))),
             fractions=tuple(record["fractions"]),
             probabilities=tensors["probabilities"],
             model=record["model"],
@@ -218,14 +220,15 @@ class Curves:
 
 def time_maps(explanation, *, gradient=None) -> dict[str, torch.Tensor]:
     """The maps to rank by, each (tokens, enc_frames), from an
-    :class:`~xattn_utils.maps.explanation.Explanation`: CA (mean of all heads), CA (alignment
-    heads), SM_X (max over its mel bins and frame pairs, as the comparison pools it) and SM_H; with
-    a gradient ``Explanation`` also its SM_X (magnitude, pooled the same way). SM names carry
-    the method unless it is ``spes``."""
+    :class:`~xattn_utils.maps.saliency.Explanation`: ``"CA all heads"``, ``"CA alignment heads"``
+    (:mod:`xattn_utils.maps.views`), SM_X (max over its mel bins and frame pairs, as the comparison
+    pools it) and SM_H; with a gradient ``Explanation`` also its SM_X (magnitude, pooled the
+    same way). SM names carry the attribution method unless it is ``spes``."""
     ca = explanation.cross_attention
-    maps = {"CA (all heads)": head_mean(ca).float()}
+    maps = {ALL: select(ca, ALL).float()}
     if explanation.alignment_heads:
-        maps["CA (alignment heads)"] = head_mean(ca, list(explanation.alignment_heads)).float()
+        heads = explanation.alignment_heads
+        maps[ALIGNMENT] = select(ca, ALIGNMENT, alignment_heads=heads).float()
     suffix = "" if explanation.method == "spes" else f" {explanation.method}"
     maps[f"SM_X{suffix}"] = pool_to_enc(explanation.input_saliency).float()
     maps[f"SM_H{suffix}"] = explanation.encoder_saliency.float()
@@ -275,7 +278,7 @@ def curve_probabilities(
 
     ``probs`` maps occlusions (batch, enc_frames), True = occluded, to the reference tokens'
     probabilities (batch, tokens). Returns the fractions used (steps,), the probabilities
-    (methods, modes, tokens, steps) with methods = ``(*maps, "random")``, and the number of
+    (maps, modes, tokens, steps) with maps = ``(*maps, "random")``, and the number of
     distinct inputs run.
     """
     if not maps:
@@ -299,7 +302,7 @@ def curve_probabilities(
         pick = torch.randperm(len(text), generator=gen)[: options.max_tokens]
         text = sorted(text[int(i)] for i in pick)
 
-    # jobs: (method index, token or None = every token, frame order)
+    # jobs: (map index, token or None = every token, frame order)
     jobs = [(i, t, rank_frames(m[t], gen)) for i, m in enumerate(maps.values()) for t in text]
     jobs += [(len(maps), None, torch.randperm(n_enc, generator=gen))
              for _ in range(options.n_random)]  # fmt: skip
@@ -391,7 +394,7 @@ def curves(
         )  # fmt: skip
     return Curves(
         transcript=transcript,
-        methods=(*maps, RANDOM),
+        maps=(*maps, RANDOM),
         fractions=fractions,
         probabilities=p.float(),
         model=loaded.name,
@@ -470,7 +473,7 @@ def curves_table(results: Sequence[Curves], utterances: Sequence = ()) -> pd.Dat
 def faithfulness_table(
     aucs: pd.DataFrame,
     *,
-    by: Sequence[str] = ("model", "task", "method"),
+    by: Sequence[str] = ("model", "task", "map"),
     n_boot: int = 2000,
     seed: int = 0,
 ) -> pd.DataFrame:
@@ -478,17 +481,17 @@ def faithfulness_table(
     (gain minus the random floor's on the same utterances and tokens), with 95% bootstrap CIs
     over utterances (tokens are averaged within each utterance first).
 
-    ``aucs`` is an :func:`auc_table`; ``by`` must include ``"method"``. Tidy: one row per
+    ``aucs`` is an :func:`auc_table`; ``by`` must include ``"map"``. Tidy: one row per
     (group, ``measure``) with ``mean``, ``low``, ``high``, ``n`` (utterances) and ``tokens``.
     """
     by = list(by)
-    if "method" not in by:
-        raise FaithfulnessError(f"by must include 'method', got {by}")
+    if "map" not in by:
+        raise FaithfulnessError(f"by must include 'map', got {by}")
     grouped = aucs.groupby([*by, "utterance"], sort=False)
     per_utt = grouped[["deletion", "insertion", "gain"]].mean()
     per_utt = per_utt.join(grouped.size().rename("tokens")).reset_index()
-    keys = [c for c in by if c != "method"] + ["utterance"]
-    floor = per_utt.loc[per_utt["method"] == RANDOM, [*keys, "gain"]]
+    keys = [c for c in by if c != "map"] + ["utterance"]
+    floor = per_utt.loc[per_utt["map"] == RANDOM, [*keys, "gain"]]
     per_utt = per_utt.merge(floor.rename(columns={"gain": "random_gain"}), on=keys, how="left")
     per_utt["gain_vs_random"] = per_utt["gain"] - per_utt["random_gain"]
     rows = []

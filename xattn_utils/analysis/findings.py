@@ -37,8 +37,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from ..maps.views import ALIGNMENT, ALL, View, is_ca, parse
 from .compare import Estimate, bootstrap_ci, disattenuated_ci
-from .tables import VIEWS, correlation_table, headline, reliability_table
+from .tables import HEADLINE_AGGREGATES, correlation_table, headline, reliability_table
 
 HOLDS, FAILS, UNMEASURABLE = "holds", "does not hold", "not measurable at this budget"
 MIN_UTTERANCES = 3  # fewer: no verdict
@@ -138,11 +139,11 @@ def finding_row(
 
 
 def _per_utterance(ev: Evidence, group: tuple[str, str], comparison: str, kinds) -> pd.DataFrame:
-    """Utterance x view table of r for one (model, task) and comparison, CA views of ``kinds``."""
+    """Utterance x map table of r for one (model, task) and comparison, CA views of ``kinds``."""
     t = ev.correlations
     rows = t[(t["model"] == group[0]) & (t["task"] == group[1])]
     rows = rows[(rows["comparison"] == comparison) & rows["kind"].isin(kinds)]
-    return rows.pivot_table(index="utterance", columns="view", values="r", aggfunc="mean")
+    return rows.pivot_table(index="utterance", columns="map", values="r", aggfunc="mean")
 
 
 def _reliability(ev: Evidence, group: tuple[str, str], map_name: str) -> pd.Series:
@@ -150,7 +151,7 @@ def _reliability(ev: Evidence, group: tuple[str, str], map_name: str) -> pd.Seri
     if rel.empty:
         return pd.Series(dtype=float)
     rel = rel[(rel["model"] == group[0]) & (rel["task"] == group[1])]
-    return rel[rel["map_name"] == map_name].groupby("utterance")["full"].mean()
+    return rel[rel["map"] == map_name].groupby("utterance")["full"].mean()
 
 
 def _corrected(ev: Evidence, group, map_name: str, r: pd.Series) -> Estimate:
@@ -158,13 +159,17 @@ def _corrected(ev: Evidence, group, map_name: str, r: pd.Series) -> Estimate:
     return disattenuated_ci(r, rel, n_boot=ev.n_boot, seed=ev.seed)
 
 
+def _views_of(wide: pd.DataFrame, kind: str) -> list[View]:
+    found = [parse(v) for v in wide.columns if is_ca(v) and v not in (ALL, ALIGNMENT)]
+    return [v for v in found if v.kind == kind]
+
+
 def _head_views(wide: pd.DataFrame) -> list[str]:
-    return [v for v in wide.columns if v.startswith("L") and "H" in v]
+    return [v.label for v in _views_of(wide, "head")]
 
 
 def _layer_views(wide: pd.DataFrame) -> list[str]:
-    return sorted((v for v in wide.columns if v.startswith("L") and "H" not in v),
-                  key=lambda v: int(v[1:]))  # fmt: skip
+    return [v.label for v in sorted(_views_of(wide, "layer"), key=lambda v: v.layer)]
 
 
 # -- the findings -------------------------------------------------------------------------------
@@ -192,9 +197,9 @@ def aggregation_helps(ev: Evidence) -> list[dict]:
     for group in ev.groups():
         for map_name in ("SM_X", "SM_H"):
             wide = _per_utterance(ev, group, f"CA vs {map_name}", ["head", "all"])
-            if wide.empty or "all" not in wide:
+            if wide.empty or ALL not in wide:
                 continue
-            gain = wide["all"] - wide[_head_views(wide)].mean(axis=1)
+            gain = wide[ALL] - wide[_head_views(wide)].mean(axis=1)
             est = bootstrap_ci(gain.to_numpy(), n_boot=ev.n_boot, seed=ev.seed)
             rows.append(finding_row(
                 "aggregation over heads and layers helps", group,
@@ -226,7 +231,7 @@ def later_layers_best(ev: Evidence) -> list[dict]:
 
 def _all_heads_sm_x(ev: Evidence, group):
     wide = _per_utterance(ev, group, "CA vs SM_X", ["all"])
-    return None if wide.empty else _corrected(ev, group, "SM_X", wide["all"])
+    return None if wide.empty else _corrected(ev, group, "SM_X", wide[ALL])
 
 
 def ca_vs_sm_x_moderate(ev: Evidence) -> list[dict]:
@@ -249,7 +254,7 @@ def sm_h_closer(ev: Evidence) -> list[dict]:
         r = {m: _per_utterance(ev, group, f"CA vs {m}", ["all"]) for m in ("SM_X", "SM_H")}
         if any(w.empty for w in r.values()):
             continue
-        both = pd.DataFrame({f"r_{m}": w["all"] for m, w in r.items()})
+        both = pd.DataFrame({f"r_{m}": w[ALL] for m, w in r.items()})
         for m in r:
             both[f"rel_{m}"] = _reliability(ev, group, m)
         est = corrected_gap(both, n_boot=ev.n_boot, seed=ev.seed)
@@ -299,13 +304,13 @@ def corrected_gap(per_utterance: pd.DataFrame, *, n_boot: int = 2000, seed: int 
 def mixing_explains_gap(ev: Evidence) -> list[dict]:
     """The study's explanation of the SM_H - SM_X gap, context mixing in the encoder: the share
     of the gap that CA propagated through the encoder's value-zeroing rollout closes
-    (notebook 07's table, ``extras["context_mixing"]``: rows per model, subset and view with
+    (notebook 07's table, ``extras["context_mixing"]``: rows per model, subset and map with
     the share as ``mean, low, high`` and ``n``). Claim: it closes more than half."""
     table = ev.extras.get("context_mixing")
     if table is None or len(table) == 0:
         return []
     rows = []
-    picked = table[(table["subset"] == "all") & (table["view"] == "CA -> input")]
+    picked = table[(table["subset"] == "all") & (table["map"] == "CA -> input")]
     for r in picked.itertuples(index=False):
         est = Estimate(float(r.mean), float(r.low), float(r.high), int(r.n), 0)
         rows.append(finding_row(
@@ -339,10 +344,12 @@ def findings_table(
 
 def headline_views(evidence: Evidence) -> pd.DataFrame:
     """The headline figure's numbers: per model, task and comparison (CA vs SM_X, CA vs SM_H),
-    each CA view of :data:`~xattn_utils.analysis.tables.VIEWS` (the best head, the best layer, all
-    heads, the alignment heads) with r observed and corrected, each with its 95% CI."""
+    each CA view of :data:`~xattn_utils.analysis.tables.HEADLINE_AGGREGATES` (the best head, the
+    best layer, all heads, the alignment heads) with r observed and corrected, each with its 95% CI.
+    Column ``map`` holds the view's label."""
     return headline(evidence.correlations, evidence.reliability, by=("model", "task"),
-                    aggregates=VIEWS, n_boot=evidence.n_boot, seed=evidence.seed)  # fmt: skip
+                    aggregates=HEADLINE_AGGREGATES, n_boot=evidence.n_boot,
+                    seed=evidence.seed)  # fmt: skip
 
 
 def study_values() -> pd.DataFrame:

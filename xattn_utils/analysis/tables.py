@@ -16,6 +16,7 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
+from ..maps.views import View
 from .compare import (
     bootstrap_ci,
     compare_maps,
@@ -33,7 +34,8 @@ COMPARISONS = ("CA vs SM_X", "CA vs SM_H", "SM_X vs SM_H")
 GAP = "gap (SM_H - SM_X)"
 AGGREGATES = (("best head", "head"), ("best layer", "layer"), ("all heads", "all"))
 # the four CA views of the index's headline figure: AGGREGATES and Whisper's alignment heads
-VIEWS = (*AGGREGATES, ("alignment heads", "alignment"))
+HEADLINE_AGGREGATES = (*AGGREGATES, ("alignment heads", "alignment"))
+ALL = View.all().label
 
 
 def _labels(explanation, utterances: Sequence) -> dict:
@@ -51,7 +53,8 @@ def correlation_table(explanations: Sequence, utterances: Sequence = ()) -> pd.D
 
     Rows are :func:`~xattn_utils.analysis.compare.compare_maps` rows (special tokens excluded) plus
     ``model, task, language, subset`` (from ``utterances``) and ``comparison`` ("CA vs SM_X",
-    "CA vs SM_H", or "SM_X vs SM_H" with ``kind == "saliency"``: pooled SM_X against SM_H).
+    "CA vs SM_H", or "SM_X vs SM_H" with ``map == "SM_X"``, ``kind == "saliency"``: pooled
+    SM_X against SM_H).
     """
     frames = []
     for e in explanations:
@@ -64,17 +67,17 @@ def correlation_table(explanations: Sequence, utterances: Sequence = ()) -> pd.D
                 alignment_heads=e.alignment_heads,
                 utterance=e.utterance,
             )
-            frames.append(df.assign(comparison="CA vs " + df["map_name"], **labels))
+            frames.append(df.assign(comparison="CA vs " + df["against"], **labels))
         sm_x, sm_h = pool_to_enc(e.input_saliency), e.encoder_saliency
         n = min(sm_x.shape[-1], sm_h.shape[-1])
         keep = [not s for s in e.special]
         score = utterance_score(sm_x[:, :n], sm_h[:, :n], keep=keep)
-        row = {"utterance": e.utterance, "map_name": "SM_H", "view": "SM_X", "kind": "saliency"}
-        row |= {"method": score.method, "r": score.mean, "n_tokens": score.n_tokens}
+        row = {"utterance": e.utterance, "against": "SM_H", "map": "SM_X", "kind": "saliency"}
+        row |= {"correlation": score.correlation, "r": score.mean, "n_tokens": score.n_tokens}
         row |= {"n_nan": score.n_nan, "comparison": "SM_X vs SM_H", **labels}
         frames.append(pd.DataFrame([row]))
     if not frames:
-        return pd.DataFrame(columns=["utterance", "comparison", "view", "kind", "r"])
+        return pd.DataFrame(columns=["utterance", "comparison", "map", "kind", "r"])
     return pd.concat(frames, ignore_index=True)
 
 
@@ -103,9 +106,9 @@ def headline(
     """Best single head, best layer and all-head mean of CA vs SM_X and CA vs SM_H per ``by``.
 
     ``table`` is a :func:`correlation_table`; ``aggregates`` are (label, kind) pairs, the best
-    view of each kind is reported (:data:`VIEWS` adds the alignment heads). Columns: ``by``,
-    ``comparison``, ``aggregate``,
-    ``view``, ``mean``, ``low``, ``high`` (95% bootstrap CI over utterances), ``n``; with
+    view of each kind is reported (:data:`HEADLINE_AGGREGATES` adds the alignment heads).
+    Columns: ``by``, ``comparison``, ``aggregate``, ``map`` (the view's label), ``mean``,
+    ``low``, ``high`` (95% bootstrap CI over utterances), ``n``; with
     ``reliabilities`` (a :func:`reliability_table`) also the map's mean ``reliability`` and
     ``r_corrected`` with its CI (:func:`~xattn_utils.analysis.compare.disattenuated_ci`).
     """
@@ -119,10 +122,10 @@ def headline(
                 continue
             best = cands.loc[cands["mean"].idxmax()]
             row = dict(zip([*by, "comparison"], key, strict=True))
-            row |= {"aggregate": aggregate, "view": best["view"]}
+            row |= {"aggregate": aggregate, "map": best["map"]}
             row |= {c: best[c] for c in ("mean", "low", "high", "n")}
             if reliabilities is not None and not reliabilities.empty:
-                row |= _corrected(group[group["view"] == best["view"]], reliabilities, by,
+                row |= _corrected(group[group["map"] == best["map"]], reliabilities, by,
                                   n_boot=n_boot, seed=seed)  # fmt: skip
             rows.append(row)
     return pd.DataFrame(rows)
@@ -130,8 +133,9 @@ def headline(
 
 def _corrected(rows: pd.DataFrame, reliabilities: pd.DataFrame, by: Sequence[str], **kw) -> dict:
     """Mean reliability of the map of ``rows`` and r corrected for it, matched by utterance."""
-    r = rows.groupby([*by, "map_name", "utterance"])["r"].mean().rename("r")
-    rel = reliabilities.groupby([*by, "map_name", "utterance"])["full"].mean()
+    r = rows.groupby([*by, "against", "utterance"])["r"].mean().rename("r")
+    rel = reliabilities.rename(columns={"map": "against"})
+    rel = rel.groupby([*by, "against", "utterance"])["full"].mean()
     both = pd.concat([r, rel], axis=1, join="inner")
     est = disattenuated_ci(both["r"], both["full"], **kw)
     return {"reliability": float(both["full"].mean()), "r_corrected": est.mean,
@@ -147,17 +151,17 @@ def aggregation_gain(
     rows = []
     ca = table[table["kind"].isin(["head", "all"])]
     for key, group in ca.groupby([*by, "comparison"], sort=False):
-        wide = group.pivot_table(index="utterance", columns="view", values="r", aggfunc="mean")
-        head_views = group.loc[group["kind"] == "head", "view"].unique()
+        wide = group.pivot_table(index="utterance", columns="map", values="r", aggfunc="mean")
+        head_views = group.loc[group["kind"] == "head", "map"].unique()
         best = wide[head_views].mean().idxmax()
         gains = {
-            "all heads - mean single head": wide["all"] - wide[head_views].mean(axis=1),
-            "all heads - best head": wide["all"] - wide[best],
+            "all heads - mean single head": wide[ALL] - wide[head_views].mean(axis=1),
+            "all heads - best head": wide[ALL] - wide[best],
         }
-        for (aggregate, gain), view in zip(gains.items(), ["all", f"all - {best}"], strict=True):
+        for (aggregate, gain), view in zip(gains.items(), [ALL, f"{ALL} - {best}"], strict=True):
             est = bootstrap_ci(gain.to_numpy(), n_boot=n_boot, seed=seed)
             row = dict(zip([*by, "comparison"], key, strict=True))
-            row |= {"aggregate": aggregate, "view": view, "mean": est.mean, "low": est.low}
+            row |= {"aggregate": aggregate, "map": view, "mean": est.mean, "low": est.low}
             row |= {"high": est.high, "n": est.n}
             rows.append(row)
     return pd.DataFrame(rows)
@@ -176,11 +180,11 @@ def reliability_table(explanations: Sequence, utterances: Sequence = ()) -> pd.D
     rows = []
     for e in explanations:
         folds = {"SM_X": e.input_saliency_folds, "SM_H": e.encoder_saliency_folds}
-        for map_name, f in folds.items():
+        for name, f in folds.items():
             if f is not None:
                 half = reliability(f, special=e.special).half
-                full, source = map_reliability(e, map_name)
-                row = {"utterance": e.utterance, "map_name": map_name, "half": half}
+                full, source = map_reliability(e, name)
+                row = {"utterance": e.utterance, "map": name, "half": half}
                 rows.append(row | {"full": full, "source": source, **_labels(e, utterances)})
     return pd.DataFrame(rows)
 
@@ -190,20 +194,22 @@ def attenuation_table(
     reliabilities: pd.DataFrame,
     *,
     by: Sequence[str] = ("model", "task", "subset"),
-    view: str = "all",
+    view: str = ALL,
     n_boot: int = 2000,
     seed: int = 0,
 ) -> pd.DataFrame:
-    """Mean r of CA (``view``) with SM_X and SM_H per ``by``, the maps' mean reliability, and r
+    """Mean r of CA (``view``, a view label) with SM_X and SM_H (column ``against``) per ``by``,
+    the maps' mean reliability, and r
     corrected for the maps' noise (:func:`~xattn_utils.analysis.compare.disattenuate`): an estimate
     of the r that infinitely many masks would give. Both r with 95% bootstrap CIs over utterances
     (``r_low``, ``r_high``, ``r_corrected_low``, ``r_corrected_high``). NaN where a map shows
     no reliable signal."""
-    ca = table[(table["view"] == view) & (table["kind"] != "saliency")]
-    keys = [*by, "map_name"]
+    ca = table[(table["map"] == view) & (table["kind"] != "saliency")]
+    keys = [*by, "against"]
     per_utt = ca.groupby([*keys, "utterance"])["r"].mean()
     if not reliabilities.empty:
-        rel = reliabilities.groupby([*keys, "utterance"])["full"].mean().rename("reliability")
+        rel = reliabilities.rename(columns={"map": "against"})
+        rel = rel.groupby([*keys, "utterance"])["full"].mean().rename("reliability")
         per_utt = pd.concat([per_utt, rel], axis=1, join="outer")
     else:  # no folds: nothing to correct with
         per_utt = per_utt.to_frame().assign(reliability=np.nan)
@@ -214,18 +220,19 @@ def gap_table(
     table: pd.DataFrame,
     *,
     by: Sequence[str] = ("model", "task", "subset"),
-    view: str = "all",
+    view: str = ALL,
     overall: bool = True,
     n_boot: int = 2000,
     seed: int = 0,
 ) -> pd.DataFrame:
-    """CA (``view``) vs SM_X, CA vs SM_H, their gap and SM_X vs SM_H, with CIs per ``by``.
+    """CA (``view``, a view label) vs SM_X, CA vs SM_H, their gap and SM_X vs SM_H, with CIs
+    per ``by``; column ``map`` names the CA view ("" on the SM_X vs SM_H rows).
 
     The gap, r(CA, SM_H) - r(CA, SM_X) per utterance, is the part of CA's agreement with the
     encoder-side relevance that is lost on the input side, i.e. to context mixing in the
     encoder. ``overall`` adds rows over all subsets (``subset == "all"``).
     """
-    rows = table[(table["view"] == view) | (table["kind"] == "saliency")]
+    rows = table[(table["map"] == view) | (table["kind"] == "saliency")]
     if overall and "subset" in by:
         rows = pd.concat([rows, rows.assign(subset="all")], ignore_index=True)
     wide = rows.pivot_table(
@@ -236,7 +243,7 @@ def gap_table(
         id_vars=[*by, "utterance"], var_name="comparison", value_name="r"
     )
     out = corpus_table(long, by=[*by, "comparison"], n_boot=n_boot, seed=seed)
-    out.insert(len(by) + 1, "view", np.where(out["comparison"] == "SM_X vs SM_H", "", view))
+    out.insert(len(by) + 1, "map", np.where(out["comparison"] == "SM_X vs SM_H", "", view))
     ranks = {
         "comparison": {c: i for i, c in enumerate([*COMPARISONS[:2], GAP, COMPARISONS[2]])},
         "subset": {"all": 0, "synthetic": 1, "real": 2},

@@ -45,7 +45,9 @@ import torch
 import torch.nn.functional as F
 
 from ..audio import ENC_FRAME_SECONDS
-from ..maps.attention import CrossAttention, all_heads
+from ..maps.attention import CrossAttention
+from ..maps.views import ALIGNMENT, ALL, View, is_ca, parse
+from ..maps.views import stack as stack_heads
 from ..model.decode import Transcript
 from .compare import bootstrap_ci, pool_to_enc
 
@@ -88,7 +90,7 @@ class WordTiming:
 
 def timings_frame(words: Iterable[WordTiming], **labels) -> pd.DataFrame:
     """Tidy frame, one row per word: ``index, word, start, end, duration, n_tokens,
-    probability`` and the constant ``labels`` columns (``utterance=..., map_name=...``)."""
+    probability`` and the constant ``labels`` columns (``utterance=..., map=...``)."""
     cols = ["index", "word", "start", "end", "duration", "n_tokens", "probability"]
     rows = [(i, w.word.strip(), w.start, w.end, w.end - w.start, len(w.tokens), w.probability)
             for i, w in enumerate(words)]  # fmt: skip
@@ -209,16 +211,10 @@ def merge_punctuations(words: list[str], tokens: list[list], prepended: str, app
 
 def _stack(scores, heads) -> torch.Tensor:
     """Maps (tokens, enc_frames) or (maps, tokens, enc_frames), or the ``heads`` of a CA."""
-    if isinstance(scores, CrossAttention):
-        heads, scores = scores.alignment_heads if heads == "alignment" else heads, scores.scores
+    if isinstance(scores, CrossAttention) or torch.as_tensor(scores).ndim == 4:
+        view = View.all() if heads is None else View.alignment() if heads == "alignment" else heads
+        return stack_heads(scores, view).float().cpu()  # whisper's (layer, head) order
     t = torch.as_tensor(scores).detach().float().cpu()
-    if t.ndim == 4:
-        if heads == "alignment":
-            raise ValueError("a raw CA tensor has no alignment heads: pass heads=[(layer, head)]")
-        pairs = sorted(all_heads(t) if heads is None else heads)  # whisper's order
-        if not pairs:
-            raise ValueError("no (layer, head) pairs given")
-        return t[[p[0] for p in pairs], [p[1] for p in pairs]]
     if t.ndim not in (2, 3):
         raise ValueError(f"need CA (layers, heads, tokens, enc_frames) or maps, got {t.shape}")
     return t
@@ -236,17 +232,17 @@ def word_timings(
     """Word start and end times from cross-attention or any (tokens, enc_frames) map.
 
     ``scores``: a :class:`CrossAttention` (its transcript is used; ``heads``: ``"alignment"``,
-    ``None`` for all, or (layer, head) pairs, each head normalised and filtered on its own, as
-    whisper does), a CA tensor (layers, heads, tokens, enc_frames) with explicit ``heads``, or a
-    map (tokens, enc_frames) such as a CA view, SM_H or ``compare.pool_to_enc(SM_X)``, or a stack
-    of maps (maps, tokens, enc_frames). Rows are output tokens (see
-    :mod:`xattn_utils.model.decode`); the time axis starts at 0 s and should stop at the end of the
-    speech (crop padding frames). ``transcript`` is a :class:`Transcript` or token strings with
-    ``special`` flags (default: tokens written ``<|...|>``). Special rows are left out of the DTW,
-    except the special row right after the text (``eot``), which ends the last word; without one
-    the last word ends at the end of the map. All rows take part in the z-normalisation.
-    ``probabilities`` (one per row) give each word the mean of its tokens' (before punctuation is
-    merged, as in whisper).
+    ``None`` for all, (layer, head) pairs or a :class:`~xattn_utils.maps.views.View` or its label,
+    each head normalised and filtered on its own, as whisper does), a CA tensor (layers, heads,
+    tokens, enc_frames) with explicit ``heads``, or a map (tokens, enc_frames) such as a CA
+    view, SM_H or ``compare.pool_to_enc(SM_X)``, or a stack of maps (maps, tokens, enc_frames).
+    Rows are output tokens (see :mod:`xattn_utils.model.decode`); the time axis starts at 0 s and
+    should stop at the end of the speech (crop padding frames). ``transcript`` is a
+    :class:`Transcript` or token strings with ``special`` flags (default: tokens written
+    ``<|...|>``). Special rows are left out of the DTW, except the special row right after the
+    text (``eot``), which ends the last word; without one the last word ends at the end of the
+    map. All rows take part in the z-normalisation. ``probabilities`` (one per row) give each
+    word the mean of its tokens' (before punctuation is merged, as in whisper).
     """
     if isinstance(scores, CrossAttention):
         transcript = scores.transcript if transcript is None else transcript
@@ -403,37 +399,40 @@ def pool_scores(scores: Iterable[TimingScore]) -> TimingScore:
 
 # -- corpus tables ------------------------------------------------------------------------------
 
-VIEWS = ("CA alignment", "CA all", "CA layers", "SM_H", "SM_X")
+LAYERS = "CA layers"  # every "CA L{l}", reduced to "CA best layer" by timing_table
+BEST_LAYER = "CA best layer"
+MAPS = (ALIGNMENT, ALL, LAYERS, "SM_H", "SM_X")
 METRICS = ("within_100ms", "within_50ms", "mae_ms", "bias_ms", "f1_100ms", "f1_50ms")
 WHISPER = "whisper transcribe()"
 _RANKS = {
     "subset": {"all": 0, "synthetic": 1, "real": 2},
-    "map": {
-        m: i for i, m in enumerate(["CA alignment", "CA all", "CA best layer", "SM_H", "SM_X"])
-    },
+    "map": {m: i for i, m in enumerate([ALIGNMENT, ALL, BEST_LAYER, "SM_H", "SM_X"])},
 }
 
 
 def explanation_timings(
-    explanation: Explanation, *, views: Sequence[str] = VIEWS
+    explanation: Explanation, *, maps: Sequence[str] = MAPS
 ) -> dict[str, list[WordTiming]]:
-    """Word timings of one explanation from each of ``views``: ``"CA alignment"`` (whisper's
-    heads), ``"CA all"`` (every head), ``"CA layers"`` (``"CA L{l}"``, the heads of one decoder
-    layer; CA heads are each normalised and filtered alone, as whisper does), ``"SM_H"`` and
-    ``"SM_X"`` (max-pooled to enc frames). Saliency maps enter as ``|map|``, each row then
-    normalised to sum 1 like a CA row."""
+    """Word timings of one explanation from each of ``maps``: CA view labels (``"CA alignment
+    heads"``: whisper's, ``"CA all heads"``, ``"CA L3"``...; see :mod:`xattn_utils.maps.views`),
+    ``"CA layers"`` (every ``"CA L{l}"``), ``"SM_H"`` and ``"SM_X"`` (max-pooled to enc frames).
+    CA heads are each normalised and filtered alone, as whisper does. Saliency maps enter as
+    ``|map|``, each row then normalised to sum 1 like a CA row. The alignment heads are skipped
+    when the model has none."""
     e, ca = explanation, explanation.cross_attention
     opts = TimingOptions(enc_frame_seconds=e.enc_frame_seconds)
-    heads = {"CA alignment": list(e.alignment_heads), "CA all": all_heads(ca)}
-    heads = {name: pairs for name, pairs in heads.items() if name in views and pairs}
-    if "CA layers" in views:
-        heads |= {f"CA L{ly}": [(ly, h) for h in range(ca.shape[1])] for ly in range(ca.shape[0])}
+    ca_maps = [m for m in maps if is_ca(m) and m != LAYERS]
+    if LAYERS in maps:
+        ca_maps += [View.of_layer(ly).label for ly in range(ca.shape[0])]
+    if not e.alignment_heads:
+        ca_maps = [m for m in ca_maps if m != ALIGNMENT]
     out = {
-        name: word_timings(ca, e.transcript, heads=pairs, options=opts)
-        for name, pairs in heads.items()
-    }
+        name: word_timings(ca, e.transcript, heads=View.alignment(e.alignment_heads)
+                           if name == ALIGNMENT else name, options=opts)
+        for name in ca_maps
+    }  # fmt: skip
     saliency = {"SM_H": lambda: e.encoder_saliency, "SM_X": lambda: pool_to_enc(e.input_saliency)}
-    for name in [v for v in views if v in saliency]:
+    for name in [m for m in maps if m in saliency]:
         out[name] = word_timings(saliency[name]().abs(), e.transcript, options=opts)
     return out
 
@@ -448,20 +447,20 @@ def timing_table(
     explanations: Sequence[Explanation],
     utterances: Sequence,
     *,
-    views: Sequence[str] = VIEWS,
+    maps: Sequence[str] = MAPS,
     extra: Mapping[str, Mapping[str, Sequence]] | None = None,
     best_layer_by: str | None = "within_100ms",
 ) -> pd.DataFrame:
     """Word timings of every explanation and map (:func:`explanation_timings`) scored against
     the gold words of its utterance: one row per (utterance, map) with ``model, task, language,
-    subset, utterance, map, view``, the :meth:`TimingScore.to_frame` columns and ``score``
+    subset, utterance, map, layer``, the :meth:`TimingScore.to_frame` columns and ``score``
     (the :class:`TimingScore`).
 
     ``extra``: more predictions as ``{map: {utterance id: words}}`` (e.g.
     :func:`~xattn_utils.reference.whisper.whisper_words`).
     ``best_layer_by``: the ``"CA L{l}"`` rows of each model and task are replaced by those of
     the layer with the highest mean of this rate over the table's utterances, as ``map = "CA
-    best layer"`` (``view`` names the layer): selected on the data it is scored on, so
+    best layer"`` (``layer`` says which; NA on other rows): selected on the data it is scored on, so
     optimistic; ``None`` keeps every layer. Translations and utterances without gold words are
     left out; ``table.attrs["skipped"]`` maps ``model/task/utterance`` to the reason.
     """
@@ -474,18 +473,28 @@ def timing_table(
             continue
         labels = {"model": e.model, "task": task, "language": e.transcript.language}
         labels |= {"subset": utt.subset or "unknown", "utterance": e.utterance}
-        predicted = explanation_timings(e, views=views)
+        predicted = explanation_timings(e, maps=maps)
         predicted |= {k: v[e.utterance] for k, v in (extra or {}).items() if e.utterance in v}
         for name, words in predicted.items():
             score = score_timings(words, utt.words, skip_first_start=utt.skip_first_start)
-            view = name.removeprefix("CA ") if name.startswith("CA L") else ""
             scores = score.to_frame().to_dict("records")[0] | {"score": score}
-            rows.append(labels | {"map": name, "view": view} | scores)
+            rows.append(labels | {"map": name, "layer": _layer_of(name)} | scores)
     table = pd.DataFrame(rows)
+    if "layer" in table:
+        table["layer"] = table["layer"].astype("Int64")
     if best_layer_by and len(table):
         table = _best_layer(table, best_layer_by)
     table.attrs["skipped"] = skipped
     return table
+
+
+def _layer_of(name: str) -> int | None:
+    """The layer of a ``"CA L{l}"`` map label, else None."""
+    try:
+        view = parse(name)
+    except ValueError:
+        return None
+    return view.layer if view.kind == "layer" else None
 
 
 def _best_layer(table: pd.DataFrame, metric: str) -> pd.DataFrame:
@@ -496,14 +505,14 @@ def _best_layer(table: pd.DataFrame, metric: str) -> pd.DataFrame:
     keys = zip(table["model"], table["task"], table["map"], strict=True)
     chosen = layer & np.array([key in best for key in keys])
     table = table[~layer | chosen].reset_index(drop=True)
-    table.loc[chosen[~layer | chosen].to_numpy(), "map"] = "CA best layer"
+    table.loc[chosen[~layer | chosen].to_numpy(), "map"] = BEST_LAYER
     return table
 
 
 def timing_summary(
     table: pd.DataFrame,
     *,
-    by: Sequence[str] = ("model", "task", "subset", "map", "view"),
+    by: Sequence[str] = ("model", "task", "subset", "map", "layer"),
     metrics: Sequence[str] = METRICS,
     overall: bool = True,
     n_boot: int = 2000,
@@ -521,7 +530,7 @@ def timing_summary(
     if overall and "subset" in by:
         table = pd.concat([table.assign(subset="all"), table], ignore_index=True)
     rows = []
-    for key, group in table.groupby(list(by), sort=False):
+    for key, group in table.groupby(list(by), sort=False, dropna=False):
         pooled = pool_scores(group["score"]).to_frame().iloc[0]
         for metric in metrics:
             est = bootstrap_ci(group[metric].to_numpy(float), n_boot=n_boot, seed=seed)
@@ -544,7 +553,7 @@ def timing_summary(
 def boundary_errors(table: pd.DataFrame) -> pd.DataFrame:
     """One row per matched boundary of a :func:`timing_table`: its labels, ``boundary``
     ("start" or "end") and ``error_ms`` (predicted minus gold, > 0 late)."""
-    labels = [c for c in ("model", "task", "subset", "utterance", "map", "view") if c in table]
+    labels = [c for c in ("model", "task", "subset", "utterance", "map", "layer") if c in table]
     if "score" not in table:  # an empty timing_table
         return pd.DataFrame(columns=[*labels, "boundary", "error_ms"])
     rows = [

@@ -40,14 +40,11 @@ class CrossAttention(Labelled):
         """Start time in seconds of each encoder frame. shape = (enc_frames,)."""
         return np.arange(self.scores.shape[-1]) * self.enc_frame_seconds
 
-    def mean(self, heads: Heads | str | None = None) -> torch.Tensor:
-        """Mean over a set of (layer, head) pairs; ``None`` = all, ``"alignment"`` = the
-        alignment heads. shape = (tokens, enc_frames)."""
-        return head_mean(self.scores, self.alignment_heads if heads == "alignment" else heads)
-
     def to_frame(self, heads: Heads | None = None) -> pd.DataFrame:
-        """Tidy frame: one row per (layer, head, token, enc_frame) of the chosen heads."""
-        pairs = list(heads) if heads is not None else all_heads(self.scores)
+        """Tidy frame: one row per (layer, head, token, enc_frame) of the chosen heads (all
+        when ``None``). Averaging heads: :func:`xattn_utils.maps.views.select`."""
+        n_layers, n_heads = self.scores.shape[:2]
+        pairs = list(heads) if heads is not None else np.ndindex(n_layers, n_heads)
         n_tok, n_frames = self.scores.shape[2:]
         rows = []
         for layer, head in pairs:
@@ -66,23 +63,6 @@ class CrossAttention(Labelled):
                 )
             )
         return pd.concat(rows, ignore_index=True)
-
-
-def all_heads(scores: torch.Tensor) -> list[tuple[int, int]]:
-    """Every (layer, head) pair of a CA tensor shape = (layers, heads, ...)."""
-    return [(layer, head) for layer in range(scores.shape[0]) for head in range(scores.shape[1])]
-
-
-def head_mean(scores: torch.Tensor, heads: Heads | None = None) -> torch.Tensor:
-    """Mean of CA over (layer, head) pairs (all when ``None``). shape = (tokens, enc_frames)."""
-    if heads is None:
-        return scores.mean(dim=(0, 1))
-    pairs = list(heads)
-    if not pairs:
-        raise ValueError("no (layer, head) pairs given")
-    layers = torch.tensor([layer for layer, _ in pairs])
-    idx = torch.tensor([head for _, head in pairs])
-    return scores[layers, idx].mean(dim=0)
 
 
 @torch.no_grad()

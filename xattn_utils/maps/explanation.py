@@ -48,7 +48,8 @@ class Explanation(Labelled):
 
     def to_frame(self, which: str = "encoder") -> pd.DataFrame:
         """Tidy frame of a saliency map: ``which="encoder"`` (token, enc_frame, time_s, value)
-        or ``"input"`` (token, mel_frame, mel_bin, time_s, value)."""
+        or ``"input"`` (token, mel_frame, mel_bin, time_s, value), with ``map`` and
+        ``attribution`` (the method)."""
         sm = self.encoder_saliency if which == "encoder" else self.input_saliency
         step = self.enc_frame_seconds if which == "encoder" else self.mel_frame_seconds
         axes = ["enc_frame"] if which == "encoder" else ["mel_frame", "mel_bin"]
@@ -58,7 +59,8 @@ class Explanation(Labelled):
         frame.insert(1, "token", np.array(self.tokens, dtype=object)[index[0]])
         frame["time_s"] = index[1] * step
         frame["value"] = sm.reshape(-1).numpy()
-        frame["method"] = self.method
+        frame["map"] = "SM_H" if which == "encoder" else "SM_X"
+        frame["attribution"] = self.method
         return frame
 
     def to_tensors(self) -> tuple[dict[str, torch.Tensor], dict]:

@@ -20,7 +20,7 @@ from ..analysis.tables import (  # noqa: F401  (re-exported: the notebooks call 
     AGGREGATES,
     COMPARISONS,
     GAP,
-    VIEWS,
+    HEADLINE_AGGREGATES,
     aggregation_gain,
     attenuation_table,
     correlation_table,

@@ -55,7 +55,7 @@ def provenance(explanations: Sequence, utterances: Sequence = ()) -> dict:
         "utterances": f"{len(explanations)} explained ("
         + ", ".join(f"{n} {s}" for s, n in subsets.items())
         + ")",
-        "method": values(lambda e: e.method),
+        "attribution": values(lambda e: e.method),
     }
     if spes:
         out |= {
@@ -131,7 +131,7 @@ def _reliability_note(metrics: Path) -> str:
         df = pd.read_csv(csv)
         for row in df[df["design"] == design].to_dict("records"):
             how = "extrapolated" if row["extrapolated"] else "measured"
-            label = html.escape(f"{row['model']} {row['task']} {row['map_name']}")
+            label = html.escape(f"{row['model']} {row['task']} {row['map']}")
             lines.append(
                 f"<li>{label}: reliability {row['mean']:.2f} at {row['n_masks']} masks; 0.9 "
                 f"needs about {row['masks_for_0.9']:,.0f} masks ({how})</li>"

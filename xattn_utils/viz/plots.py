@@ -6,9 +6,10 @@ the tidy DataFrames of :mod:`xattn_utils.analysis.compare` (``compare_maps``, ``
 ``corpus_table``). Time axes are in seconds, spectrogram rows in mel bins. Call
 :func:`set_theme` once per notebook.
 
-Map names: ``"CA"`` (a CA view: ``"all"``, ``"L3"``, ``"L3H2"``, ``"alignment"`` or a
-``(layer, head)`` pair), ``"SM_H"`` (encoder-output saliency) and ``"SM_X"`` (input saliency,
-max-pooled onto the encoder grid where a (tokens, time) map is drawn).
+Map names, as in every table's ``map`` column: a CA view label (``"CA all heads"``, ``"CA L3"``,
+``"CA L3H2"``, ``"CA alignment heads"``; :mod:`xattn_utils.maps.views`), ``"SM_H"`` (encoder-output
+saliency) and ``"SM_X"`` (input saliency, max-pooled onto the encoder grid where a (tokens,
+time) map is drawn).
 """
 
 from __future__ import annotations
@@ -22,13 +23,14 @@ import seaborn as sns
 from matplotlib.axes import Axes
 from matplotlib.patches import Rectangle
 
-from ..analysis.compare import ca_view, normalize, pool_to_enc, view_specs
+from ..analysis.compare import normalize, pool_to_enc
+from ..maps.views import ALL, View, is_ca, select
 
 if TYPE_CHECKING:  # no model code at import time
     from ..analysis.mixing import EncoderMixing
     from ..maps.explanation import Explanation
 
-MAPS = ("CA", "SM_H", "SM_X")
+MAPS = (ALL, "SM_H", "SM_X")
 _COLORS = {"CA": "#1f77b4", "SM_H": "#2ca02c", "SM_X": "#d62728"}
 _KIND_ORDER = ("head", "layer", "alignment", "all", "custom", "cumulative")
 
@@ -48,54 +50,24 @@ def _axes(ax: Axes | None, figsize: tuple[float, float] | None = None) -> Axes:
     return plt.subplots(figsize=figsize, layout="constrained")[1]
 
 
-def heads_of(explanation: Explanation, view: str | tuple[int, int] = "all") -> list:
-    """The (layer, head) pairs of a CA view name (see
-    :func:`xattn_utils.analysis.compare.ca_views`)."""
-    if isinstance(view, tuple | list):
-        return [tuple(view)]
-    n_layers, n_heads = explanation.cross_attention.shape[:2]
-    specs = view_specs(n_layers, n_heads, alignment_heads=explanation.alignment_heads)
-    by_name = {v.name: v.heads for v in specs}
-    if view not in by_name:
-        raise ValueError(f"unknown CA view {view!r}: use 'all', 'L0', 'L0H0' or 'alignment'")
-    return list(by_name[view])
-
-
-def view_label(view: str | tuple[int, int]) -> str:
-    """Readable name of a CA view: ``"all"`` -> ``"CA, mean of all heads"``."""
-    if isinstance(view, tuple | list):
-        return f"CA, layer {view[0]} head {view[1]}"
-    if view == "all":
-        return "CA, mean of all heads"
-    if view == "alignment":
-        return "CA, alignment heads"
-    if view.startswith("L") and "H" in view:
-        layer, head = view[1:].split("H")
-        return f"CA, layer {layer} head {head}"
-    if view.startswith("L"):
-        return f"CA, layer {view[1:]} (mean of heads)"
-    return f"CA, {view}"
-
-
-def token_map(
-    explanation: Explanation, which: str = "CA", *, view: str | tuple[int, int] = "all"
-) -> np.ndarray:
-    """A (tokens, enc_frames) map of one utterance: a CA view, SM_H or SM_X pooled (max)."""
-    if which == "CA":
-        m = ca_view(explanation.cross_attention, heads_of(explanation, view))
-    elif which == "SM_H":
+def token_map(explanation: Explanation, map: str | View = ALL) -> np.ndarray:
+    """A (tokens, enc_frames) map of one utterance: ``"SM_H"``, ``"SM_X"`` (max-pooled) or a CA
+    view (its label, e.g. ``"CA L3H2"``, or a :class:`~xattn_utils.maps.views.View`)."""
+    if map == "SM_H":
         m = explanation.encoder_saliency
-    elif which == "SM_X":
+    elif map == "SM_X":
         m = pool_to_enc(explanation.input_saliency)
+    elif isinstance(map, View) or is_ca(map):
+        m = select(explanation.cross_attention, map, alignment_heads=explanation.alignment_heads)
     else:
-        raise ValueError(f"which must be one of {MAPS}, got {which!r}")
+        raise ValueError(f"map must be 'SM_H', 'SM_X' or a CA view label ('CA ...'), got {map!r}")
     return m.float().cpu().numpy()
 
 
-def _label(which: str, view) -> str:
-    return (
-        view_label(view) if which == "CA" else {"SM_H": "SM_H", "SM_X": "SM_X (max-pooled)"}[which]
-    )
+def _label(map: str | View) -> str:
+    if map == "SM_X":
+        return "SM_X (max-pooled)"
+    return map if isinstance(map, str) else map.label
 
 
 def default_token(explanation: Explanation) -> int:
@@ -109,8 +81,7 @@ def plot_spectrogram(
     spectrogram: np.ndarray | None = None,
     *,
     token: int | None = None,
-    overlays: tuple[str, ...] = ("SM_X", "CA", "SM_H"),
-    view: str | tuple[int, int] = "all",
+    overlays: tuple[str | View, ...] = ("SM_X", ALL, "SM_H"),
     ax: Axes | None = None,
     top: float = 0.2,
     cmap: str = "gray_r",
@@ -121,9 +92,9 @@ def plot_spectrogram(
 
     ``spectrogram``: shape = (mel_frames, mel_bins) (see :func:`xattn_utils.report.spectrogram`);
     without it SM_X is drawn alone. ``token``: row index (default: :func:`default_token`).
-    ``"SM_X"`` is shown at full resolution: the ``top`` share of its cells (per-token min-max)
-    in colour; ``"CA"`` (the ``view``) and ``"SM_H"`` are curves over time, min-max scaled to
-    the height of the plot.
+    ``overlays`` are map names (module docstring). ``"SM_X"`` is shown at full resolution: the
+    ``top`` share of its cells (per-token min-max) in colour; a CA view and ``"SM_H"`` are
+    curves over time, min-max scaled to the height of the plot.
     """
     ax = _axes(ax, (10, 3.5))
     token = default_token(explanation) if token is None else token
@@ -147,17 +118,17 @@ def plot_spectrogram(
             alpha=alpha if spectrogram is not None else 1.0,
             interpolation="nearest",
         )
-    for which in ("CA", "SM_H"):
-        if which not in overlays:
-            continue
-        curve = normalize(token_map(explanation, which, view=view)[token], how="minmax").numpy()
+    curves = [m for m in overlays if m != "SM_X"]
+    for name in curves:
+        curve = normalize(token_map(explanation, name)[token], how="minmax").numpy()
         t = (np.arange(curve.size) + 0.5) * explanation.enc_frame_seconds
-        ax.plot(t, curve * (n_bins - 1), color=_COLORS[which], lw=1.6, label=_label(which, view))
-    if any(w in overlays for w in ("CA", "SM_H")):
+        color = _COLORS.get(name, _COLORS["CA"])
+        ax.plot(t, curve * (n_bins - 1), color=color, lw=1.6, label=_label(name))
+    if curves:
         ax.legend(loc="upper right", fontsize="small", title="curves: min-max to plot height")
     ax.set(xlim=(0, seconds), ylim=(0, n_bins), xlabel="time (s)", ylabel="mel bin")
     ax.grid(False)
-    shown_as = " + ".join(overlays) if overlays else "spectrogram"
+    shown_as = " + ".join(map(_label, overlays)) if overlays else "spectrogram"
     ax.set_title(
         f"{explanation.utterance or 'utterance'}: token {token} "
         f"{explanation.tokens[token]!r} ({shown_as})"
@@ -167,9 +138,8 @@ def plot_spectrogram(
 
 def plot_token_map(
     explanation: Explanation,
-    which: str = "CA",
+    map: str | View = ALL,
     *,
-    view: str | tuple[int, int] = "all",
     include_special: bool = False,
     highlight: int | None = None,
     ax: Axes | None = None,
@@ -180,7 +150,7 @@ def plot_token_map(
     Rows are output tokens (special tokens left out unless ``include_special``); columns are
     encoder frames, labelled in seconds. ``highlight`` outlines one token row.
     """
-    m = normalize(token_map(explanation, which, view=view), how="minmax").numpy()
+    m = normalize(token_map(explanation, map), how="minmax").numpy()
     rows = [i for i, s in enumerate(explanation.special) if include_special or not s]
     n_tok = len(rows)
     ax = _axes(ax, (9, 0.8 + 0.25 * n_tok))
@@ -198,7 +168,7 @@ def plot_token_map(
     if highlight is not None and highlight in rows:
         y = rows.index(highlight)
         ax.add_patch(Rectangle((0, y - 0.5), seconds, 1, fill=False, ec="white", lw=1.5))
-    ax.set(xlabel="time (s)", ylabel="output token", title=_label(which, view))
+    ax.set(xlabel="time (s)", ylabel="output token", title=_label(map))
     ax.grid(False)
     ax.figure.colorbar(image, ax=ax, label="per-token min-max", fraction=0.04, pad=0.01)
     return ax
@@ -207,7 +177,7 @@ def plot_token_map(
 def plot_head_heatmap(
     table: pd.DataFrame,
     *,
-    map_name: str | None = None,
+    against: str | None = None,
     alignment_heads: tuple[tuple[int, int], ...] | list = (),
     ax: Axes | None = None,
     cmap: str = "vlag",
@@ -216,12 +186,12 @@ def plot_head_heatmap(
 
     ``table``: rows of ``kind == "head"`` from :func:`~xattn_utils.analysis.compare.compare_maps`
     (column ``r``, averaged over utterances if several) or
-    :func:`~xattn_utils.analysis.compare.corpus_table` (column ``mean``). ``map_name`` picks "SM_X"
+    :func:`~xattn_utils.analysis.compare.corpus_table` (column ``mean``). ``against`` picks "SM_X"
     or "SM_H" when the table holds both.
     """
     heads = table[table["kind"] == "head"]
-    if map_name is not None:
-        heads = heads[heads["map_name"] == map_name]
+    if against is not None:
+        heads = heads[heads["against"] == against]
     if heads.empty:
         raise ValueError("the table has no per-head rows (kind == 'head')")
     value = "mean" if "mean" in heads.columns else "r"
@@ -249,7 +219,7 @@ def plot_head_heatmap(
                     (cols.index(head), layers.index(layer)), 1, 1, fill=False, ec="black", lw=2.2
                 )
             )
-    what = f"CA vs {map_name}" if map_name else "CA vs saliency"
+    what = f"CA vs {against}" if against else "CA vs saliency"
     note = "\n(outlined: alignment heads)" if len(alignment_heads) else ""
     ax.set(xlabel="head", ylabel="decoder layer", title=f"{what}, Pearson r per head{note}")
     return ax
@@ -259,7 +229,7 @@ def plot_correlations(
     summary: pd.DataFrame,
     *,
     x: str = "kind",
-    hue: str | None = "map_name",
+    hue: str | None = "against",
     ax: Axes | None = None,
     order: list | None = None,
     ylabel: str = "Pearson r (mean over utterances)",
@@ -267,14 +237,15 @@ def plot_correlations(
     """Point plot of mean correlations with their 95% CIs (columns ``mean``, ``low``, ``high``).
 
     ``summary`` is a :func:`~xattn_utils.analysis.compare.corpus_table` (one row per ``x`` and
-    ``hue`` value). Kinds are ordered head, layer, alignment, all.
+    ``hue`` value). Kinds are ordered head, layer, alignment, all; other ``x`` values as they come,
+    "CA all heads" last.
     """
     ax = _axes(ax, (7, 3.8))
     data = summary.copy()
     data[x] = data[x].astype(str)
     if order is None:  # kinds in _KIND_ORDER, anything else as it comes with "all" last
         seen = list(dict.fromkeys(data[x]))
-        rank = {k: i for i, k in enumerate(_KIND_ORDER)} if x == "kind" else {"all": 1}
+        rank = {k: i for i, k in enumerate(_KIND_ORDER)} if x == "kind" else {ALL: 1}
         order = sorted(seen, key=lambda k: rank.get(k, 0 if x != "kind" else 99))
     keys = [x, hue] if hue else [x]
     if data.duplicated(keys).any():
@@ -316,13 +287,13 @@ def _pretty(name) -> str:
         "alignment": "alignment heads",
         "SM_X": "CA vs SM_X",
         "SM_H": "CA vs SM_H",
-        "map_name": "",
+        "against": "",
         "comparison": "",
     }
     return names.get(str(name), str(name))
 
 
-def plot_cumulative(table: pd.DataFrame, *, hue: str = "map_name", ax: Axes | None = None) -> Axes:
+def plot_cumulative(table: pd.DataFrame, *, hue: str = "against", ax: Axes | None = None) -> Axes:
     """Correlation of CA averaged over the first k decoder layers, against k.
 
     ``table``: :func:`~xattn_utils.analysis.compare.cumulative_layers` rows (column ``r``, one per
@@ -412,7 +383,7 @@ def plot_timing_errors(
 def plot_convergence(
     table: pd.DataFrame,
     *,
-    map_name: str = "SM_X",
+    map: str = "SM_X",
     y: str = "reliability",
     target: float | None = None,
     ax: Axes | None = None,
@@ -421,7 +392,7 @@ def plot_convergence(
     number of masks, one line per mask design (mean over utterances); ``table`` holds
     :func:`~xattn_utils.analysis.convergence.convergence` rows. ``target`` draws a dashed line."""
     ax = _axes(ax, (6, 3.8))
-    data = table[table["map_name"] == map_name]
+    data = table[table["map"] == map]
     means = data.groupby(["design", "n_masks"], sort=False)[[y, "r_corrected"]].mean()
     for (design, sub), color in zip(means.groupby(level=0, sort=False), sns.color_palette(),
                                     strict=False):  # fmt: skip
@@ -433,7 +404,7 @@ def plot_convergence(
         ax.axhline(target, color="0.4", ls="--", lw=1)
     ax.set_xscale("log", base=2)
     label = {"reliability": "reliability (Spearman-Brown)", "r": "r with CA (dotted: corrected)"}
-    ax.set(xlabel="masks", ylabel=label.get(y, y), title=f"{map_name}: {label.get(y, y)}")
+    ax.set(xlabel="masks", ylabel=label.get(y, y), title=f"{map}: {label.get(y, y)}")
     ax.legend(title="design", fontsize="small")
     return ax
 
@@ -452,9 +423,9 @@ def plot_faithfulness_curves(curves, *, mode: str = "deletion", ax: Axes | None 
         ax.text(0.5, 0.5, f"no {mode} curves", ha="center", transform=ax.transAxes)
         return ax
     x = "target" if "target" in data else "fraction"
-    methods = list(dict.fromkeys(data["method"]))
-    dashes = {m: (4, 2) if m == "random" else "" for m in methods}
-    sns.lineplot(data, x=x, y="probability", hue="method", hue_order=methods, style="method",
+    maps = list(dict.fromkeys(data["map"]))
+    dashes = {m: (4, 2) if m == "random" else "" for m in maps}
+    sns.lineplot(data, x=x, y="probability", hue="map", hue_order=maps, style="map",
                  dashes=dashes, markers=True, errorbar=None, ax=ax)  # fmt: skip
     verb = "occluded" if mode == "deletion" else "revealed"
     ax.set(xlabel=f"share of speech frames {verb}, most relevant first",
@@ -483,18 +454,18 @@ def plot_headline(
     for y, (model, task, aggregate) in enumerate(rows.values):
         here = views[(views["model"] == model) & (views["task"] == task)]
         here = here[here["aggregate"] == aggregate].set_index("comparison")
-        for map_name, col, dy in marks:
-            if f"CA vs {map_name}" not in here.index or col not in ("r", *here.columns):
+        for sm, col, dy in marks:
+            if f"CA vs {sm}" not in here.index or col not in ("r", *here.columns):
                 continue
-            row = here.loc[f"CA vs {map_name}"]
+            row = here.loc[f"CA vs {sm}"]
             mean = row["mean" if col == "r" else col]
             lo, hi = (row["low"], row["high"]) if col == "r" else (row[f"{col}_low"],
                                                                    row[f"{col}_high"])  # fmt: skip
             if not np.isfinite(mean):  # no correction possible: nothing to draw
                 continue
-            ax.plot(np.clip([lo, hi], *xlim), [y + dy] * 2, color=_COLORS[map_name], lw=1.5)
-            face = _COLORS[map_name] if col == "r" else "white"
-            ax.plot([mean], [y + dy], "o", color=_COLORS[map_name], mfc=face, ms=6)
+            ax.plot(np.clip([lo, hi], *xlim), [y + dy] * 2, color=_COLORS[sm], lw=1.5)
+            face = _COLORS[sm] if col == "r" else "white"
+            ax.plot([mean], [y + dy], "o", color=_COLORS[sm], mfc=face, ms=6)
     if study is not None:
         y0 = len(labels)
         ax.axhline(y0 - 0.5, color="0.3", lw=0.8)

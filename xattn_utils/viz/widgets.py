@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING
 
 import matplotlib.pyplot as plt
 
-from . import plots
+from ..maps.views import View
+from ..viz import plots
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -21,12 +22,12 @@ if TYPE_CHECKING:
     from ..maps.explanation import Explanation
 
 
-def ca_view_name(layer: int | None = None, head: int | None = None) -> str:
+def ca_view(layer: int | None = None, head: int | None = None) -> View:
     """CA view of a (layer, head) choice: ``None`` means the mean over that axis (a head
     without a layer means nothing: the mean of all heads is used)."""
     if layer is None:
-        return "all"
-    return f"L{layer}" if head is None else f"L{layer}H{head}"
+        return View.all()
+    return View.of_layer(layer) if head is None else View.of_head(layer, head)
 
 
 def explorer_figure(
@@ -44,17 +45,17 @@ def explorer_figure(
     """
     if layer is None and head is not None:
         raise ValueError("choose a layer for a single head")
-    view = ca_view_name(layer, head)
+    view = ca_view(layer, head).label
     token = plots.default_token(explanation) if token is None else token
     n_text = sum(not s for s in explanation.special)
     maps_height = 1.0 + 0.22 * max(n_text, 4)  # inches for the token maps
     fig = plt.figure(figsize=(12, 3.6 + maps_height), layout="constrained")
     grid = fig.add_gridspec(2, 3, height_ratios=[3.6, maps_height])
-    plots.plot_spectrogram(explanation, spectrogram, token=token, view=view,
+    plots.plot_spectrogram(explanation, spectrogram, token=token, overlays=("SM_X", view, "SM_H"),
                            ax=fig.add_subplot(grid[0, :]))  # fmt: skip
-    for col, which in enumerate(("CA", "SM_H", "SM_X")):
+    for col, name in enumerate((view, "SM_H", "SM_X")):
         ax = fig.add_subplot(grid[1, col])
-        plots.plot_token_map(explanation, which, view=view, highlight=token, ax=ax)
+        plots.plot_token_map(explanation, name, highlight=token, ax=ax)
         if col:
             ax.set(ylabel="", yticklabels=[])
     return fig
