@@ -25,14 +25,7 @@ import pandas as pd
 import torch
 
 from .attention import forward_attention
-from .audio import (
-    ENC_FRAME_SECONDS,
-    MEL_FRAME_SECONDS,
-    duration,
-    load_audio,
-    n_enc_frames,
-    n_mel_frames,
-)
+from .audio import ENC_FRAME_SECONDS, MEL_FRAME_SECONDS, duration, load_audio
 from .decode import Transcript, decode, features
 from .estimators import fold_maps
 from .forwards import encoder_score_fn, forward_batch_size, mel_score_fn
@@ -131,6 +124,7 @@ class Explanation:
             "params": self.params,
             "alignment_heads": [list(h) for h in self.alignment_heads],
             "duration": self.duration,
+            "enc_frame_seconds": self.enc_frame_seconds,
             "transcript": {
                 "input_ids": list(tr.input_ids),
                 "output_ids": list(tr.output_ids),
@@ -168,6 +162,7 @@ class Explanation:
             alignment_heads=tuple(tuple(h) for h in record["alignment_heads"]),
             duration=record["duration"],
             utterance=record.get("utterance", ""),
+            enc_frame_seconds=record.get("enc_frame_seconds", ENC_FRAME_SECONDS),
         )
 
 
@@ -199,7 +194,7 @@ def explain(
     mel = features(loaded, audio)
     with torch.no_grad():
         ca_full, logits = forward_attention(loaded, mel, tr)
-    n_mel, n_enc = n_mel_frames(audio), n_enc_frames(audio)
+    n_mel, n_enc = loaded.family.n_mel_frames(audio), loaded.family.n_enc_frames(audio)
     params: dict = {"task": task, "language": tr.language, "seed": seed}
     folds: dict[str, torch.Tensor | None] = {"input": None, "encoder": None}
     if method in PERTURBATION_METHODS:
@@ -240,6 +235,7 @@ def explain(
         alignment_heads=loaded.alignment_heads,
         duration=duration(audio),
         utterance=utterance,
+        enc_frame_seconds=loaded.family.enc_frame_seconds,
     )
 
 
