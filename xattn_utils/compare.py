@@ -52,6 +52,15 @@ def _numpy64(x: Array) -> np.ndarray:
 # -- grids and normalisation --------------------------------------------------------------------
 
 
+def enc_factor(n_mel: int, n_enc: int) -> int:
+    """The smallest subsampling (at least Whisper's 2) that fits ``n_mel`` mel frames into
+    ``n_enc`` encoder frames: 2 for Whisper (cropped or not), 4 for Speech2Text."""
+    factor = ENC_SUBSAMPLING
+    while math.ceil(n_mel / factor) > n_enc:
+        factor += 1
+    return factor
+
+
 def pool_to_enc(
     sm_x: Array, *, how: Pooling = "max", factor: int = ENC_SUBSAMPLING
 ) -> torch.Tensor:
@@ -249,7 +258,7 @@ def _prepare(
     if x.ndim != 4:
         raise ValueError(f"CA must be (layers, heads, tokens, enc_frames), got {tuple(x.shape)}")
     if s.ndim == 3:
-        s, name = pool_to_enc(s, how=pooling), "SM_X"
+        s, name = pool_to_enc(s, how=pooling, factor=enc_factor(s.shape[1], x.shape[-1])), "SM_X"
     elif s.ndim == 2:
         name = "SM_H"
     else:

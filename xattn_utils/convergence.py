@@ -28,7 +28,7 @@ import pandas as pd
 import torch
 
 from .attention import forward_attention, head_mean
-from .audio import load_audio, n_enc_frames, n_mel_frames
+from .audio import load_audio
 from .compare import (
     corrected_summary,
     disattenuate,
@@ -84,7 +84,7 @@ def convergence(
     mel = features(loaded, audio)
     with torch.no_grad():
         ca, logits = forward_attention(loaded, mel, tr)
-    n_mel, n_enc = n_mel_frames(audio), n_enc_frames(audio)
+    n_mel, n_enc = loaded.family.n_mel_frames(audio), loaded.family.n_enc_frames(audio)
     ca_all = head_mean(ca[..., :n_enc])
     keep = [not s for s in tr.special]
     checkpoints(n_masks)  # fails early on too few masks
@@ -101,7 +101,8 @@ def convergence(
                 for n in checkpoints(run.sampler.n_masks):
                     sm, folds = run.maps(n, design)
                     rel = reliability(folds, special=tr.special)
-                    pooled = pool_to_enc(sm) if sm.ndim == 3 else sm
+                    factor = loaded.family.enc_subsampling
+                    pooled = pool_to_enc(sm, factor=factor) if sm.ndim == 3 else sm
                     r = utterance_score(ca_all, pooled, keep=keep).mean
                     rows.append({"map_name": name, "design": design, "n_masks": n,
                                  "half": rel.half, "reliability": rel.full, "r": r,

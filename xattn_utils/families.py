@@ -82,6 +82,11 @@ class Family(ABC):
     ) -> list[int]:
         """Decoder input ids before the text tokens."""
 
+    @property
+    def enc_subsampling(self) -> int:
+        """Mel frames per encoder frame (Whisper 2, Speech2Text 4)."""
+        return round(self.enc_frame_seconds / self.mel_frame_seconds)
+
     def token_text(self, tokenizer, token_id: int) -> str:
         """One token as text, with the leading space that starts a word."""
         return tokenizer.decode([token_id])

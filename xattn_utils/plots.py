@@ -85,7 +85,7 @@ def token_map(
     elif which == "SM_H":
         m = explanation.encoder_saliency
     elif which == "SM_X":
-        m = pool_to_enc(explanation.input_saliency)
+        m = pool_to_enc(explanation.input_saliency, factor=explanation.enc_subsampling)
     else:
         raise ValueError(f"which must be one of {MAPS}, got {which!r}")
     return m.float().cpu().numpy()

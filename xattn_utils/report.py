@@ -17,7 +17,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .audio import n_mel_frames
 from .tables import (  # noqa: F401  (re-exported: the notebooks call xu.report.<table>)
     AGGREGATES,
     COMPARISONS,
@@ -94,4 +93,6 @@ def spectrogram(loaded, audio) -> np.ndarray:
     from .decode import features
 
     audio = load_audio(audio)
-    return features(loaded, audio)[0, :, : n_mel_frames(audio)].T.float().cpu().numpy()
+    return (
+        features(loaded, audio)[0, :, : loaded.family.n_mel_frames(audio)].T.float().cpu().numpy()
+    )

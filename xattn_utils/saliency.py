@@ -87,6 +87,11 @@ class Explanation:
         return self.transcript.special
 
     @property
+    def enc_subsampling(self) -> int:
+        """Mel frames per encoder frame: the ``factor`` of ``compare.pool_to_enc``."""
+        return round(self.enc_frame_seconds / self.mel_frame_seconds)
+
+    @property
     def n_masks(self) -> int | None:
         return self.params.get("n_masks")
 

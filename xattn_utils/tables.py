@@ -65,7 +65,7 @@ def correlation_table(explanations: Sequence, utterances: Sequence = ()) -> pd.D
                 utterance=e.utterance,
             )
             frames.append(df.assign(comparison="CA vs " + df["map_name"], **labels))
-        sm_x, sm_h = pool_to_enc(e.input_saliency), e.encoder_saliency
+        sm_x, sm_h = pool_to_enc(e.input_saliency, factor=e.enc_subsampling), e.encoder_saliency
         n = min(sm_x.shape[-1], sm_h.shape[-1])
         keep = [not s for s in e.special]
         score = utterance_score(sm_x[:, :n], sm_h[:, :n], keep=keep)

@@ -430,7 +430,10 @@ def explanation_timings(
         name: word_timings(ca, e.transcript, heads=pairs, options=opts)
         for name, pairs in heads.items()
     }
-    saliency = {"SM_H": lambda: e.encoder_saliency, "SM_X": lambda: pool_to_enc(e.input_saliency)}
+    saliency = {
+        "SM_H": lambda: e.encoder_saliency,
+        "SM_X": lambda: pool_to_enc(e.input_saliency, factor=e.enc_subsampling),
+    }
     for name in [v for v in views if v in saliency]:
         out[name] = word_timings(saliency[name]().abs(), e.transcript, options=opts)
     return out
