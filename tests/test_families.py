@@ -202,3 +202,14 @@ def test_s2t_checkpoint_loads_from_a_saved_folder(tiny_s2t, tone, tmp_path):
     b = xu.cross_attention(again, tone, text=TEXT)
     assert a.tokens == b.tokens
     torch.testing.assert_close(a.scores, b.scores)
+
+
+def test_mixing_encoder_states_rebuild_each_familys_encoder(loaded, tone):
+    from xattn_utils.mixing import encoder_states
+
+    x = features(loaded, tone)
+    with torch.no_grad():
+        states = encoder_states(loaded, x)
+        out = loaded.model.model.encoder.layer_norm(states[-1])
+        torch.testing.assert_close(out, loaded.family.encode(loaded, x)[0], atol=1e-5, rtol=1e-5)
+    assert states.shape[0] == loaded.model.config.encoder_layers + 1

@@ -65,6 +65,27 @@ def test_notebook_runs_on_the_random_model(stem, workdir):
         _finite_numbers(workdir / "metrics" / f"{name}_headline.csv")
 
 
+@pytest.mark.parametrize("stem", NOTEBOOKS)
+def test_notebook_runs_on_the_random_s2t_model(stem, workdir):
+    """The same smoke run on random-tiny-s2t (``params/s2t.ci.yaml`` laid over the notebook's
+    own): every notebook works for the Speech2Text family too."""
+    own = yaml.safe_load((ROOT / "notebooks" / "params" / f"{stem}.ci.yaml").read_text())
+    overlay = yaml.safe_load((ROOT / "notebooks" / "params" / "s2t.ci.yaml").read_text())
+    params = own | {k: v for k, v in overlay.items() if k in own}
+    assert params["model"] == "random-tiny-s2t"
+    s2t = workdir / "s2t"
+    params |= {"out": str(s2t / "metrics"), "store": str(s2t / "store")}
+    executed = report.run_notebook(stem, params, s2t / f"{stem}.ipynb")
+    assert not _errors(executed)
+    html = report.render_html(executed, s2t / f"{stem}.html").read_text(encoding="utf-8")
+    assert "Traceback" not in html and "data:image/png;base64" in html, f"{stem} drew no figure"
+    if stem in ANALYSES:
+        name = stem if stem.startswith(("03", "07")) else f"{stem}.random-tiny-s2t"
+        df = _finite_numbers(s2t / "metrics" / f"{name}_headline.csv")
+        if "model" in df.columns:
+            assert set(df["model"]) == {"random-tiny-s2t"}
+
+
 def test_a_failing_cell_names_the_notebook(workdir):
     params = {"model": "no-such-model", "store": str(workdir / "store"), "out": str(workdir)}
     with pytest.raises(report.NotebookError, match="notebook 00_quickstart failed in cell"):
