@@ -86,6 +86,24 @@ def test_notebook_runs_on_the_random_s2t_model(stem, workdir):
             assert set(df["model"]) == {"random-tiny-s2t"}
 
 
+def test_xattn_report_on_random_tiny_s2t(tmp_path):
+    """``xattn report`` end to end on the random Speech2Text model: every notebook, the index
+    (2 utterances, 8 masks; a few minutes on CPU)."""
+    out = tmp_path / "reports"
+    cmd = [sys.executable, "-m", "xattn_utils.cli", "report", "--models", "random-tiny-s2t"]
+    cmd += ["--data", "demo", "--out", str(out), "--n-utterances", "2", "--n-masks", "8"]
+    cmd += ["--use-reference-text", "--store", str(tmp_path / "store"), "--device", "cpu"]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1800)
+    assert done.returncode == 0, done.stderr[-3000:]
+    index = (out / "index.html").read_text(encoding="utf-8")
+    for stem, runs in report.NOTEBOOKS.items():
+        name = stem if runs == "all" else f"{stem}.random-tiny-s2t"
+        assert (out / f"{name}.html").is_file() and f'href="{name}.html"' in index
+    for stem in ANALYSES:
+        name = stem if report.NOTEBOOKS[stem] == "all" else f"{stem}.random-tiny-s2t"
+        _finite_numbers(out / "metrics" / f"{name}_headline.csv")
+
+
 def test_a_failing_cell_names_the_notebook(workdir):
     params = {"model": "no-such-model", "store": str(workdir / "store"), "out": str(workdir)}
     with pytest.raises(report.NotebookError, match="notebook 00_quickstart failed in cell"):
