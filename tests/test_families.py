@@ -17,11 +17,13 @@ from transformers import Speech2TextFeatureExtractor
 
 import xattn_utils as xu
 from xattn_utils.attention import forward_attention
+from xattn_utils.compare import enc_factor
 from xattn_utils.decode import DecodeError, decode, features, prompt_ids
 from xattn_utils.families import Speech2TextFamily, WhisperFamily
 from xattn_utils.forwards import encoder_score_fn, masked_mel_logits, mel_score_fn
 from xattn_utils.perturbation import PerturbationOptions
 from xattn_utils.saliency import encoder_saliency_spes
+from xattn_utils.speech2text import special_tokens
 
 TEXT = "The morning train was late."
 
@@ -213,3 +215,24 @@ def test_mixing_encoder_states_rebuild_each_familys_encoder(loaded, tone):
         out = loaded.model.model.encoder.layer_norm(states[-1])
         torch.testing.assert_close(out, loaded.family.encode(loaded, x)[0], atol=1e-5, rtol=1e-5)
     assert states.shape[0] == loaded.model.config.encoder_layers + 1
+
+
+def test_s2t_multilingual_prompt_starts_with_the_target_language(tiny_s2t):
+    class Vocab:  # what special_tokens reads of a multilingual ST tokenizer
+        unk_token_id = 3
+
+        def get_vocab(self):
+            return {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3, "<lang:de>": 7, "<lang:fr>": 8}
+
+    special = special_tokens(Vocab(), tiny_s2t.model.config)
+    assert special.languages == {"de": 7, "fr": 8}
+    assert special.is_special(7) and not special.is_special(9)
+    st = dataclasses.replace(tiny_s2t, special=special, multilingual=True)
+    assert prompt_ids(st, language="fr") == [2, 8]
+    with pytest.raises(DecodeError, match=r"target language: use one of \['de', 'fr'\]"):
+        prompt_ids(st)
+
+
+def test_sm_x_pools_onto_each_familys_enc_frames():
+    assert enc_factor(250, 125) == 2 and enc_factor(250, 1500) == 2  # Whisper, cropped or not
+    assert enc_factor(587, 147) == 4 and enc_factor(248, 62) == 4  # Speech2Text
