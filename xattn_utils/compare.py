@@ -469,13 +469,15 @@ def reliability(
     include_special: bool = False,
     pooling: Pooling = "max",
     method: Method = "pearson",
+    factor: int = ENC_SUBSAMPLING,
 ) -> Reliability:
     """Split-half reliability of a map from its two fold maps, shape = (2, tokens, ...): SM_H
-    folds (2, tokens, enc_frames) or SM_X folds (2, tokens, mel_frames, mel_bins), pooled."""
+    folds (2, tokens, enc_frames) or SM_X folds (2, tokens, mel_frames, mel_bins), pooled by
+    ``factor`` (the family's subsampling: Whisper 2, Speech2Text 4)."""
     f = _tensor(folds)
     if f.shape[0] != 2:
         raise ValueError(f"expected 2 folds, got shape {tuple(f.shape)}")
-    a, b = (pool_to_enc(x, how=pooling) if x.ndim == 3 else x for x in f)
+    a, b = (pool_to_enc(x, how=pooling, factor=factor) if x.ndim == 3 else x for x in f)
     keep = None if special is None or include_special else [not s for s in special]
     score = utterance_score(a, b, method=method, keep=keep)
     return Reliability(
@@ -612,4 +614,4 @@ def map_reliability(explanation, map_name: str) -> tuple[float, str]:
     if map_name == "SM_X" and estimator != "mean":
         ref = reference_reliability(e.model, estimator, int(e.params["n_masks"]))
         return (math.nan if ref is None else ref), "held-out reference"
-    return reliability(folds, special=e.special).full, "split-half"
+    return reliability(folds, special=e.special, factor=e.enc_subsampling).full, "split-half"

@@ -97,11 +97,11 @@ def convergence(
             cells = n_mel if name == "SM_X" else n_enc
             run = run_fn(loaded, mel, tr, logits, cells, options=opts, seed=seed,
                          progress=progress)  # fmt: skip
+            factor = loaded.family.enc_subsampling  # SM_X pools onto enc_frames by this
             for design in (d for d in designs if FORWARDS_OF[d] == mask_design):
                 for n in checkpoints(run.sampler.n_masks):
                     sm, folds = run.maps(n, design)
-                    rel = reliability(folds, special=tr.special)
-                    factor = loaded.family.enc_subsampling
+                    rel = reliability(folds, special=tr.special, factor=factor)
                     pooled = pool_to_enc(sm, factor=factor) if sm.ndim == 3 else sm
                     r = utterance_score(ca_all, pooled, keep=keep).mean
                     rows.append({"map_name": name, "design": design, "n_masks": n,

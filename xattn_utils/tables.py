@@ -177,7 +177,7 @@ def reliability_table(explanations: Sequence, utterances: Sequence = ()) -> pd.D
         folds = {"SM_X": e.input_saliency_folds, "SM_H": e.encoder_saliency_folds}
         for map_name, f in folds.items():
             if f is not None:
-                half = reliability(f, special=e.special).half
+                half = reliability(f, special=e.special, factor=e.enc_subsampling).half
                 full, source = map_reliability(e, map_name)
                 row = {"utterance": e.utterance, "map_name": map_name, "half": half}
                 rows.append(row | {"full": full, "source": source, **_labels(e, utterances)})
