@@ -236,3 +236,14 @@ def test_s2t_multilingual_prompt_starts_with_the_target_language(tiny_s2t):
 def test_sm_x_pools_onto_each_familys_enc_frames():
     assert enc_factor(250, 125) == 2 and enc_factor(250, 1500) == 2  # Whisper, cropped or not
     assert enc_factor(587, 147) == 4 and enc_factor(248, 62) == 4  # Speech2Text
+
+
+def test_random_tiny_s2t_builds_the_same_model_every_time(tiny_s2t, tmp_path, monkeypatch):
+    monkeypatch.setenv("XATTN_CACHE", str(tmp_path))  # a fresh build: tokenizer and weights
+    fresh = xu.load_model("random-tiny-s2t", device="cpu")
+    assert (tmp_path / "random-tiny-s2t-seed0" / "tokenizer.json").is_file()
+    assert fresh.processor.tokenizer.get_vocab() == tiny_s2t.processor.tokenizer.get_vocab()
+    for (name, a), (_, b) in zip(
+        fresh.model.state_dict().items(), tiny_s2t.model.state_dict().items(), strict=True
+    ):
+        assert torch.equal(a, b), name
