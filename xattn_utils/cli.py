@@ -101,7 +101,8 @@ def _models(args: argparse.Namespace) -> None:
     from .models import available_models, cache_dir, load_model
 
     for name in available_models():
-        ready = any(cache_dir().glob(f"{name}*/model.safetensors"))
+        folders = [f"{name}/model.safetensors", f"{name}-seed*/model.safetensors"]
+        ready = any(p for pattern in folders for p in cache_dir().glob(pattern))
         if args.prepare and not ready:
             load_model(name, device="cpu")
             ready = True
