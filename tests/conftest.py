@@ -1,4 +1,5 @@
-"""Shared fixtures: a seeded tiny random Whisper (offline, fast) and test audio."""
+"""Shared fixtures: seeded tiny random Whisper and Speech2Text models (offline, fast) and test
+audio."""
 
 from __future__ import annotations
 
@@ -12,6 +13,12 @@ import xattn_utils as xu
 def tiny() -> xu.LoadedModel:
     """A randomly initialised 2+2-layer Whisper with tiny.en's tokenizer."""
     return xu.load_model("random-tiny", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def tiny_s2t() -> xu.LoadedModel:
+    """A randomly initialised 2+2-layer Speech2Text ASR model with a demo-trained tokenizer."""
+    return xu.load_model("random-tiny-s2t", device="cpu")
 
 
 @pytest.fixture(scope="session")

@@ -32,7 +32,8 @@ FAMILIES = ("model", "maps", "analysis", "reference", "viz", "report")
 # families follow one another in this order, so imports also go one way between families.
 ORDER = [
     "audio", "store", "data", "hf_datasets",
-    "model", "model.convert", "model.loading", "model.decode",
+    "model", "model.convert", "model.families", "model.loading", "model.speech2text",
+    "model.decode",
     "maps", "maps.explanation", "maps.attention", "maps.views", "maps.prepare", "maps.gradients",
     "maps.perturbation", "maps.estimators", "maps.forwards", "maps.spes", "maps.saliency",
     "maps.corpus", "maps.distributed",
@@ -55,6 +56,7 @@ NO_MODEL_CODE = ("viz.plots", "analysis.compare", "store", "analysis.tables", "a
 # Imports inside a function may reach modules to the right only where declared here, with why.
 LAZY_UPSTREAM = {
     ("data", "hf_datasets"): "load_corpus reads save_to_disk folders and audiofolder:PATH",
+    ("model.loading", "model.speech2text"): "load_model hands Speech2Text checkpoints over",
 }
 PARAMETERS = {
     "model", "data", "n_utterances", "method", "n_masks", "task", "language", "device", "seed",

@@ -80,6 +80,25 @@ def test_a_notebook_finds_what_the_report_precomputed(tmp_path):
     assert not _errors(executed) and ResultStore(params["store"]).keys() == keys
 
 
+def test_xattn_report_on_random_tiny_s2t(tmp_path):
+    """``xattn report`` end to end on the random Speech2Text model: every notebook works for the
+    Speech2Text family too, with the index (2 utterances, 16 masks as in the notebooks' CI
+    runs: fewer leave antithetic halves empty; about 2.5 minutes on CPU)."""
+    out = tmp_path / "reports"
+    cmd = [sys.executable, "-m", "xattn_utils.cli", "report", "--models", "random-tiny-s2t"]
+    cmd += ["--data", "demo", "--out", str(out), "--n-utterances", "2", "--n-masks", "16"]
+    cmd += ["--use-reference-text", "--store", str(tmp_path / "store"), "--device", "cpu"]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1800)
+    assert done.returncode == 0, done.stderr[-3000:]
+    index = (out / "index.html").read_text(encoding="utf-8")
+    for stem, runs in report.NOTEBOOKS.items():
+        name = stem if runs == "all" else f"{stem}.random-tiny-s2t"
+        assert (out / f"{name}.html").is_file() and f'href="{name}.html"' in index
+    for stem in ANALYSES:
+        name = stem if report.NOTEBOOKS[stem] == "all" else f"{stem}.random-tiny-s2t"
+        _finite_numbers(out / "metrics" / f"{name}_headline.csv")
+
+
 def test_a_failing_cell_names_the_notebook(workdir):
     params = {"model": "no-such-model", "store": str(workdir / "store"), "out": str(workdir)}
     with pytest.raises(report.NotebookError, match="notebook 00_quickstart failed in cell"):

@@ -105,7 +105,8 @@ def _models(args: argparse.Namespace) -> None:
     from .model.loading import available_models, cache_dir, load_model
 
     for name in available_models():
-        ready = any(cache_dir().glob(f"{name}*/model.safetensors"))
+        folders = [f"{name}/model.safetensors", f"{name}-seed*/model.safetensors"]
+        ready = any(p for pattern in folders for p in cache_dir().glob(pattern))
         if args.prepare and not ready:
             load_model(name, device="cpu")
             ready = True
@@ -271,10 +272,6 @@ def _lang(loaded, language: str | None) -> str | None:
     return language if loaded.multilingual else None
 
 
-if __name__ == "__main__":
-    sys.exit(main())
-
-
 # -- scale-out flags (see xattn_utils.maps.distributed) ----------------------------------------
 
 
@@ -315,3 +312,7 @@ def _resources_arg(text: str) -> dict[str, float]:
         return {k.strip(): float(v) for k, v in (item.split("=") for item in text.split(","))}
     except ValueError:
         raise argparse.ArgumentTypeError(f"resources look like GPU=1,MEM=2e9: {text!r}") from None
+
+
+if __name__ == "__main__":
+    sys.exit(main())

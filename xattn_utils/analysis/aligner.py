@@ -46,7 +46,6 @@ from ..audio import (
     AudioError,
     duration,
     load_audio,
-    n_enc_frames,
 )
 from ..maps.attention import CrossAttention, forward_attention
 from ..maps.views import View
@@ -188,9 +187,12 @@ def char_ids(loaded: LoadedModel, text: str) -> tuple[list[int], list[int], list
     return ids, owner, words
 
 
-def frame_energy_db(audio: np.ndarray, n_frames: int) -> np.ndarray:
-    """RMS energy of each 20 ms enc frame in dB (re full scale), shape = (n_frames,)."""
-    hop = int(SAMPLE_RATE * ENC_FRAME_SECONDS)
+def frame_energy_db(
+    audio: np.ndarray, n_frames: int, *, frame_seconds: float = ENC_FRAME_SECONDS
+) -> np.ndarray:
+    """RMS energy of each enc frame (20 ms: Whisper's) in dB (re full scale), shape =
+    (n_frames,)."""
+    hop = int(SAMPLE_RATE * frame_seconds)
     padded = np.zeros(n_frames * hop, dtype=np.float64)
     padded[: min(audio.size, padded.size)] = audio[: padded.size]
     rms = np.sqrt((padded.reshape(n_frames, hop) ** 2).mean(1))
@@ -235,15 +237,16 @@ def align_inputs(
     scores, logits = forward_attention(loaded, mel, tr)
     ids = torch.tensor([tr.output_ids], device=logits.device)
     probs = tuple(log_probs(logits[None], ids)[0].exp().tolist())
-    n = n_enc_frames(audio)
+    n, dt = loaded.family.n_enc_frames(audio), loaded.family.enc_frame_seconds
     ca = CrossAttention(
         scores=scores[..., :n].contiguous(),
         transcript=tr,
         model=loaded.name,
         alignment_heads=loaded.alignment_heads,
         duration=duration(audio),
+        enc_frame_seconds=dt,
     )
-    energy = frame_energy_db(audio, n)
+    energy = frame_energy_db(audio, n, frame_seconds=dt)
     return Alignment(ca, tuple(words), tuple(word_of_row), energy, unit, probs)
 
 

@@ -33,7 +33,7 @@ import torch
 from captum.metrics import infidelity, sensitivity_max
 from tqdm.auto import tqdm
 
-from ..audio import ENC_SUBSAMPLING, load_audio, n_enc_frames, n_mel_frames
+from ..audio import load_audio
 from ..maps.attention import forward_attention
 from ..maps.gradients import gradient_maps
 from ..maps.perturbation import PerturbationOptions
@@ -140,10 +140,12 @@ class CaptumMetrics:
 
 def frame_probability_fn(loaded: LoadedModel, mel: torch.Tensor, tr, n_mel: int):
     """Reference-token probabilities (batch, tokens) of encoder-frame weights ``x`` (batch,
-    enc_frames): frame ``j``'s 2 mel frames become ``fill + x_j (mel - fill)`` (1: as is, 0:
-    occluded with the padding value, as deletion). Equal rows are run once per call and
-    remembered (infidelity repeats the same inputs)."""
-    fill = float(mel.min())
+    enc_frames): frame ``j``'s mel frames (the family's subsampling: Whisper 2, Speech2Text 4)
+    become ``fill + x_j (mel - fill)`` (1: as is, 0: occluded with the padding value, as
+    deletion). Equal rows are run once per call and remembered (infidelity repeats the same
+    inputs)."""
+    family = loaded.family
+    fill = family.padding_value(mel)
     ids = torch.tensor([tr.input_ids], device=mel.device)
     ref = torch.tensor(tr.output_ids, device=mel.device)
     seen: dict[bytes, torch.Tensor] = {}
@@ -156,15 +158,11 @@ def frame_probability_fn(loaded: LoadedModel, mel: torch.Tensor, tr, n_mel: int)
         rows = [keys.index(k) for k in new]
         for start in range(0, len(rows), 4):
             batch = x[rows[start : start + 4]]
-            weight = batch.repeat_interleave(ENC_SUBSAMPLING, dim=1)[:, :n_mel].to(mel)
+            weight = batch.repeat_interleave(family.enc_subsampling, dim=1)[:, :n_mel].to(mel)
             full = mel.expand(len(batch), -1, -1).clone()
             full[..., :n_mel] = fill + weight[:, None, :] * (mel[..., :n_mel] - fill)
             with attention_implementation(loaded, "sdpa"):
-                logits = loaded.model(
-                    input_features=full,
-                    use_cache=False,
-                    decoder_input_ids=ids.expand(len(batch), -1),
-                ).logits
+                logits = family.forward(loaded, full, ids.expand(len(batch), -1)).logits
             p = torch.softmax(logits.float(), dim=-1)
             p = p.gather(-1, ref.expand(len(batch), -1).unsqueeze(-1)).squeeze(-1).cpu()
             for j, k in enumerate(new[start : start + 4]):
@@ -312,7 +310,7 @@ def captum_metrics(
     tokens = [t for t, e in enumerate(curves.evaluated) if e]
     maps = time_maps(explanation, gradient=gradient)
     mel = features(loaded, audio)
-    n_enc, n_mel = n_enc_frames(audio), n_mel_frames(audio)
+    n_enc, n_mel = loaded.family.n_enc_frames(audio), loaded.family.n_mel_frames(audio)
     inf = torch.full((len(maps) + 1, len(tr)), math.nan, dtype=torch.float64)
     sens = torch.full((len(maps) + 1,), math.nan, dtype=torch.float64)
     if tokens:

@@ -53,6 +53,15 @@ def _numpy64(x: Array) -> np.ndarray:
 # -- grids and normalisation --------------------------------------------------------------------
 
 
+def enc_factor(n_mel: int, n_enc: int) -> int:
+    """The smallest subsampling (at least Whisper's 2) that fits ``n_mel`` mel frames into
+    ``n_enc`` encoder frames: 2 for Whisper (cropped or not), 4 for Speech2Text."""
+    factor = ENC_SUBSAMPLING
+    while math.ceil(n_mel / factor) > n_enc:
+        factor += 1
+    return factor
+
+
 def pool_to_enc(
     sm_x: Array, *, how: Pooling = "max", factor: int = ENC_SUBSAMPLING
 ) -> torch.Tensor:
@@ -187,7 +196,7 @@ def _prepare(
     if x.ndim != 4:
         raise ValueError(f"CA must be (layers, heads, tokens, enc_frames), got {tuple(x.shape)}")
     if s.ndim == 3:
-        s, name = pool_to_enc(s, how=pooling), "SM_X"
+        s, name = pool_to_enc(s, how=pooling, factor=enc_factor(s.shape[1], x.shape[-1])), "SM_X"
     elif s.ndim == 2:
         name = "SM_H"
     else:
@@ -404,13 +413,15 @@ def reliability(
     include_special: bool = False,
     pooling: Pooling = "max",
     correlation: Correlation = "pearson",
+    factor: int = ENC_SUBSAMPLING,
 ) -> Reliability:
     """Split-half reliability of a map from its two fold maps, shape = (2, tokens, ...): SM_H
-    folds (2, tokens, enc_frames) or SM_X folds (2, tokens, mel_frames, mel_bins), pooled."""
+    folds (2, tokens, enc_frames) or SM_X folds (2, tokens, mel_frames, mel_bins), pooled by
+    ``factor`` (the family's subsampling: Whisper 2, Speech2Text 4)."""
     f = _tensor(folds)
     if f.shape[0] != 2:
         raise ValueError(f"expected 2 folds, got shape {tuple(f.shape)}")
-    a, b = (pool_to_enc(x, how=pooling) if x.ndim == 3 else x for x in f)
+    a, b = (pool_to_enc(x, how=pooling, factor=factor) if x.ndim == 3 else x for x in f)
     keep = None if special is None or include_special else [not s for s in special]
     score = utterance_score(a, b, correlation=correlation, keep=keep)
     return Reliability(
@@ -547,4 +558,4 @@ def map_reliability(explanation, map_name: str) -> tuple[float, str]:
     if map_name == "SM_X" and estimator != "mean":
         ref = reference_reliability(e.model, estimator, int(e.params["n_masks"]))
         return (math.nan if ref is None else ref), "held-out reference"
-    return reliability(folds, special=e.special).full, "split-half"
+    return reliability(folds, special=e.special, factor=e.enc_subsampling).full, "split-half"

@@ -87,7 +87,7 @@ def context_table(
         weighted = select(norm_weighted(ca, m.value_norms), ALL)
         maps = (raw, weighted, m.propagate(raw), m.propagate(raw, residual=0.5))
         maps = dict(zip(MAPS, maps, strict=True))
-        sm_x, sm_h = pool_to_enc(e.input_saliency), e.encoder_saliency
+        sm_x, sm_h = pool_to_enc(e.input_saliency, factor=e.enc_subsampling), e.encoder_saliency
         n = min(m.n_speech, sm_x.shape[-1], sm_h.shape[-1])
         keep = [not s for s in e.special]
         rel = {}

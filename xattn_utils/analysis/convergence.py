@@ -92,11 +92,12 @@ def convergence(
         for name in maps:
             run_fn = input_spes_run if name == "SM_X" else encoder_spes_run
             run = run_fn(loaded, prepared, options=opts, seed=seed, progress=progress)
+            factor = loaded.family.enc_subsampling  # SM_X pools onto enc_frames by this
             for design in (d for d in designs if FORWARDS_OF[d] == mask_design):
                 for n in checkpoints(run.sampler.n_masks):
                     sm, folds = run.maps(n, design)
-                    rel = reliability(folds, special=tr.special)
-                    pooled = pool_to_enc(sm) if sm.ndim == 3 else sm
+                    rel = reliability(folds, special=tr.special, factor=factor)
+                    pooled = pool_to_enc(sm, factor=factor) if sm.ndim == 3 else sm
                     r = utterance_score(ca_all, pooled, keep=keep).mean
                     rows.append({"map": name, "design": design, "n_masks": n,
                                  "half": rel.half, "reliability": rel.full, "r": r,

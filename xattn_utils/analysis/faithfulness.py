@@ -42,7 +42,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from ..audio import ENC_SUBSAMPLING, load_audio, n_enc_frames, n_mel_frames
+from ..audio import load_audio
 from ..maps.forwards import forward_batch_size, masked_mel_logits
 from ..maps.views import ALIGNMENT, ALL, select
 from ..model.decode import Transcript, features
@@ -230,10 +230,14 @@ def time_maps(explanation, *, gradient=None) -> dict[str, torch.Tensor]:
         heads = explanation.alignment_heads
         maps[ALIGNMENT] = select(ca, ALIGNMENT, alignment_heads=heads).float()
     suffix = "" if explanation.method == "spes" else f" {explanation.method}"
-    maps[f"SM_X{suffix}"] = pool_to_enc(explanation.input_saliency).float()
+    maps[f"SM_X{suffix}"] = pool_to_enc(
+        explanation.input_saliency, factor=explanation.enc_subsampling
+    ).float()
     maps[f"SM_H{suffix}"] = explanation.encoder_saliency.float()
     if gradient is not None:
-        maps[f"SM_X {gradient.method}"] = pool_to_enc(gradient.input_saliency.abs()).float()
+        maps[f"SM_X {gradient.method}"] = pool_to_enc(
+            gradient.input_saliency.abs(), factor=gradient.enc_subsampling
+        ).float()
     return maps
 
 
@@ -349,7 +353,7 @@ def probability_fn(loaded: LoadedModel, mel: torch.Tensor, tr: Transcript, n_mel
 
     def probs(occluded: torch.Tensor) -> torch.Tensor:
         b = occluded.shape[0]
-        per_mel = occluded.repeat_interleave(ENC_SUBSAMPLING, dim=1)[:, :n_mel]
+        per_mel = occluded.repeat_interleave(loaded.family.enc_subsampling, dim=1)[:, :n_mel]
         cells = per_mel[:, :, None].expand(-1, -1, mel.shape[1])  # (batch, mel_frames, mels)
         p = torch.softmax(masked_logits(cells).float(), dim=-1)
         return p.gather(-1, ref.expand(b, -1).unsqueeze(-1)).squeeze(-1)
@@ -376,7 +380,7 @@ def curves(
     Cost: at most ``2 * len(fractions) * (len(maps) * text_tokens + n_random) + 2`` forwards.
     """
     audio = load_audio(audio)
-    n_enc, n_tok = n_enc_frames(audio), len(transcript)
+    n_enc, n_tok = loaded.family.n_enc_frames(audio), len(transcript)
     for name, m in maps.items():
         if tuple(m.shape) != (n_tok, n_enc):
             raise FaithfulnessError(
@@ -385,7 +389,7 @@ def curves(
                 "(pool SM_X with compare.pool_to_enc first)"
             )
     mel = features(loaded, audio)
-    probs = probability_fn(loaded, mel, transcript, n_mel_frames(audio))
+    probs = probability_fn(loaded, mel, transcript, loaded.family.n_mel_frames(audio))
     batch = options.batch_size or forward_batch_size(loaded, n_tok)
     with attention_implementation(loaded, "sdpa"):
         fractions, p, n_inputs = curve_probabilities(

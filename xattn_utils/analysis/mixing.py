@@ -45,7 +45,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from ..audio import ENC_FRAME_SECONDS, N_ENC_FRAMES, load_audio, n_enc_frames
+from ..audio import ENC_FRAME_SECONDS, load_audio
 from ..model.decode import features
 from ..model.loading import LoadedModel
 from ..store import ResultStore, cached
@@ -164,10 +164,15 @@ def layer_distances_looped(
 @torch.no_grad()
 def encoder_states(loaded: LoadedModel, mel: torch.Tensor) -> torch.Tensor:
     """The input of every encoder layer and the last layer's output (before the final
-    LayerNorm), shape = (layers + 1, enc_frames, d_model), for one mel (1, mels, 3000)."""
+    LayerNorm), shape = (layers + 1, enc_frames, d_model), for one input (1, mel_bins,
+    mel_frames): Whisper's 3000, or Speech2Text's utterance."""
     enc = loaded.model.model.encoder
-    x = F.gelu(enc.conv2(F.gelu(enc.conv1(mel)))).permute(0, 2, 1)
-    x = x + enc.embed_positions.weight[: x.shape[1]]
+    if loaded.family.fixed_window:  # Whisper: two GELU convolutions, learned positions
+        x = F.gelu(enc.conv2(F.gelu(enc.conv1(mel)))).permute(0, 2, 1)
+        x = x + enc.embed_positions.weight[: x.shape[1]]
+    else:  # Speech2Text: GLU convolutions, scaled, sinusoidal positions
+        x = enc.conv(loaded.family.model_layout(mel)) * enc.embed_scale
+        x = x + enc.embed_positions(torch.zeros(x.shape[:2], dtype=torch.long, device=x.device))
     states = [x[0]]
     for layer in enc.layers:
         out = layer(x, None)
@@ -289,7 +294,7 @@ class EncoderMixing:
 
     def to_tensors(self) -> tuple[dict[str, torch.Tensor], dict]:
         tensors = {k: getattr(self, k) for k in ("matrices", "distances", "value_norms")}
-        keys = ("n_speech", "model", "utterance", "params")
+        keys = ("n_speech", "model", "utterance", "params", "enc_frame_seconds")
         return tensors, {k: getattr(self, k) for k in keys}
 
     @classmethod
@@ -318,13 +323,14 @@ def encoder_mixing(
     mel = features(loaded, audio)
     states = encoder_states(loaded, mel)
     encoder = loaded.model.model.encoder
-    s = min(n_enc_frames(audio), N_ENC_FRAMES)
+    total = states.shape[1]  # Whisper's 1500; Speech2Text's speech alone
+    s = min(loaded.family.n_enc_frames(audio), total)
     device = states.device
     groups = _groups(s, group, device)
     sizes = [len(g) for g in groups]
-    pad_rows = torch.arange(s, N_ENC_FRAMES, pad_stride, device=device)
+    pad_rows = torch.arange(s, total, pad_stride, device=device)
     if len(pad_rows):
-        groups.append(torch.arange(s, N_ENC_FRAMES, device=device))
+        groups.append(torch.arange(s, total, device=device))
     rows = torch.cat([torch.arange(s, device=device), pad_rows])
     raw, layers = [], encoder.layers
     for ly, layer in enumerate(layers):
@@ -346,6 +352,7 @@ def encoder_mixing(
         model=loaded.name,
         utterance=utterance,
         params={"group": group, "pad_stride": pad_stride},
+        enc_frame_seconds=loaded.family.enc_frame_seconds,
     )
 
 

@@ -68,7 +68,7 @@ def correlation_table(explanations: Sequence, utterances: Sequence = ()) -> pd.D
                 utterance=e.utterance,
             )
             frames.append(df.assign(comparison="CA vs " + df["against"], **labels))
-        sm_x, sm_h = pool_to_enc(e.input_saliency), e.encoder_saliency
+        sm_x, sm_h = pool_to_enc(e.input_saliency, factor=e.enc_subsampling), e.encoder_saliency
         n = min(sm_x.shape[-1], sm_h.shape[-1])
         keep = [not s for s in e.special]
         score = utterance_score(sm_x[:, :n], sm_h[:, :n], keep=keep)
@@ -182,7 +182,7 @@ def reliability_table(explanations: Sequence, utterances: Sequence = ()) -> pd.D
         folds = {"SM_X": e.input_saliency_folds, "SM_H": e.encoder_saliency_folds}
         for name, f in folds.items():
             if f is not None:
-                half = reliability(f, special=e.special).half
+                half = reliability(f, special=e.special, factor=e.enc_subsampling).half
                 full, source = map_reliability(e, name)
                 row = {"utterance": e.utterance, "map": name, "half": half}
                 rows.append(row | {"full": full, "source": source, **_labels(e, utterances)})

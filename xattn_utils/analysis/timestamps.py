@@ -431,7 +431,10 @@ def explanation_timings(
                            if name == ALIGNMENT else name, options=opts)
         for name in ca_maps
     }  # fmt: skip
-    saliency = {"SM_H": lambda: e.encoder_saliency, "SM_X": lambda: pool_to_enc(e.input_saliency)}
+    saliency = {
+        "SM_H": lambda: e.encoder_saliency,
+        "SM_X": lambda: pool_to_enc(e.input_saliency, factor=e.enc_subsampling),
+    }
     for name in [m for m in maps if m in saliency]:
         out[name] = word_timings(saliency[name]().abs(), e.transcript, options=opts)
     return out

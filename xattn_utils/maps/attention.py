@@ -1,8 +1,9 @@
 """Cross-attention of every decoder layer and head for every output token.
 
-The model always sees the full 30 s window (Whisper's training condition); the returned scores
-are cropped afterwards to the encoder frames that hold speech. Rows therefore sum to 1 over all
-1500 encoder frames, not over the cropped ones.
+Whisper always sees the full 30 s window (its training condition); the returned scores are
+cropped afterwards to the encoder frames that hold speech. Rows therefore sum to 1 over all
+1500 encoder frames, not over the cropped ones. Speech2Text reads the utterance alone, so its
+rows sum to 1 over the speech's enc_frames (40 ms each).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..audio import ENC_FRAME_SECONDS, duration, load_audio, n_enc_frames
+from ..audio import ENC_FRAME_SECONDS, duration, load_audio
 from ..model.decode import Labelled, Transcript, decode, features, teacher_forced
 from ..model.loading import LoadedModel
 
@@ -78,27 +79,28 @@ def cross_attention(
     """Cross-attention of the model's greedy transcript (or of ``text``, teacher-forced).
 
     ``audio`` is a path or a 16 kHz mono float array. With ``crop=False`` the scores keep all
-    1500 encoder frames.
+    the encoder frames (Whisper's 1500).
     """
     audio = load_audio(audio)
     tr = decode(loaded, audio, text=text, task=task, language=language)
     mel = features(loaded, audio)
     scores, _ = forward_attention(loaded, mel, tr)
     if crop:
-        scores = scores[..., : n_enc_frames(audio)]
+        scores = scores[..., : loaded.family.n_enc_frames(audio)]
     return CrossAttention(
         scores=scores.contiguous(),
         transcript=tr,
         model=loaded.name,
         alignment_heads=loaded.alignment_heads,
         duration=duration(audio),
+        enc_frame_seconds=loaded.family.enc_frame_seconds,
     )
 
 
 def forward_attention(
     loaded: LoadedModel, mel: torch.Tensor, tr: Transcript
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Teacher-forced forward returning (CA over all 1500 enc_frames, logits (tokens, vocab))."""
+    """Teacher-forced forward returning (CA over all enc_frames, logits (tokens, vocab))."""
     ids = torch.tensor([tr.input_ids], device=mel.device)
     out = teacher_forced(loaded, mel, ids, output_attentions=True)
     if not out.cross_attentions:

@@ -43,6 +43,11 @@ class Explanation(Labelled):
     enc_frame_seconds: float = ENC_FRAME_SECONDS
 
     @property
+    def enc_subsampling(self) -> int:
+        """Mel frames per encoder frame: the ``factor`` of ``compare.pool_to_enc``."""
+        return round(self.enc_frame_seconds / self.mel_frame_seconds)
+
+    @property
     def n_masks(self) -> int | None:
         return self.params.get("n_masks")
 
@@ -82,6 +87,7 @@ class Explanation(Labelled):
             "params": self.params,
             "alignment_heads": [list(h) for h in self.alignment_heads],
             "duration": self.duration,
+            "enc_frame_seconds": self.enc_frame_seconds,
             "transcript": tr.to_record(),
         }
         return {k: v.contiguous() for k, v in tensors.items()}, record
@@ -101,4 +107,5 @@ class Explanation(Labelled):
             alignment_heads=tuple(tuple(h) for h in record["alignment_heads"]),
             duration=record["duration"],
             utterance=record.get("utterance", ""),
+            enc_frame_seconds=record.get("enc_frame_seconds", ENC_FRAME_SECONDS),
         )

@@ -43,13 +43,16 @@ def forward_batch_size(loaded: LoadedModel, n_tokens: int) -> int:
     return auto_batch_size(loaded.device, per_input)
 
 
-def fill_value(mel: torch.Tensor, n_mel: int, fill: str = "padding") -> float:
-    """The value occluded spectrogram cells take: ``"padding"`` the clamp floor (what the
-    digital silence after a short utterance holds), ``"zero"`` 0 in the model's input space
+def fill_value(
+    mel: torch.Tensor, n_mel: int, fill: str = "padding", *, loaded: LoadedModel | None = None
+) -> float:
+    """The value occluded spectrogram cells take: ``"padding"`` what digital silence holds in
+    the model's input (Whisper's clamp floor; 0 after Speech2Text's CMVN; ``loaded.family``
+    decides, Whisper's when ``loaded`` is None), ``"zero"`` 0 in the model's input space
     (the SPES reference code's choice after its per-utterance normalisation), ``"mean"`` the
     mean of the speech region."""
     if fill == "padding":
-        return float(mel.min())
+        return loaded.family.padding_value(mel) if loaded is not None else float(mel.min())
     if fill == "zero":
         return 0.0
     if fill == "mean":
@@ -67,19 +70,10 @@ def window_frames(n_mel: int, encoder_window: float | None) -> int:
 
 
 def encode(loaded: LoadedModel, x: torch.Tensor) -> torch.Tensor:
-    """Whisper's encoder on ``x`` (batch, mel_bins, frames), any even ``frames`` up to 3000
-    (transformers' encoder insists on 3000): the same layers, positions cut to the length.
-    shape = (batch, frames // 2, d_model)."""
-    enc = loaded.model.model.encoder
-    if x.shape[-1] == N_MEL_FRAMES:
-        return enc(x).last_hidden_state
-    h = torch.nn.functional.gelu(enc.conv1(x))
-    h = torch.nn.functional.gelu(enc.conv2(h)).permute(0, 2, 1)
-    h = h + enc.embed_positions.weight[: h.shape[1]]
-    for layer in enc.layers:
-        h = layer(h, None)
-        h = h[0] if isinstance(h, tuple) else h
-    return enc.layer_norm(h)
+    """The encoder on features ``x`` (batch, mel_bins, mel_frames); Whisper's takes any even
+    number of mel_frames up to 3000 (:meth:`~xattn_utils.model.families.WhisperFamily.encode`).
+    shape = (batch, enc_frames, d_model)."""
+    return loaded.family.encode(loaded, x)
 
 
 def masked_mel_logits(
@@ -96,8 +90,8 @@ def masked_mel_logits(
     over the first ``n_mel`` mel frames; occluded cells take :func:`fill_value`. The encoder
     reads :func:`window_frames` frames; ``precision`` ``"bf16"``/``"fp16"`` runs the forwards
     under autocast (meant for CUDA)."""
-    value = fill_value(mel, n_mel, fill)
-    frames = window_frames(n_mel, encoder_window)
+    value = fill_value(mel, n_mel, fill, loaded=loaded)
+    frames = min(window_frames(n_mel, encoder_window), mel.shape[-1])
     ids = torch.tensor([tr.input_ids], device=mel.device)
     dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
@@ -107,11 +101,8 @@ def masked_mel_logits(
         occluded = masks.to(mel.device).transpose(1, 2)  # (batch, mel_bins, mel_frames)
         x[:, :, :n_mel] = torch.where(occluded, value, x[:, :, :n_mel])
         with torch.autocast(mel.device.type, dtype=dtype, enabled=dtype is not None):
-            if frames == N_MEL_FRAMES:
-                out = loaded.model(
-                    input_features=x, decoder_input_ids=ids.expand(b, -1), use_cache=False
-                )
-                return out.logits.float()
+            if frames == mel.shape[-1]:
+                return loaded.family.forward(loaded, x, ids.expand(b, -1)).logits.float()
             return decoder_logits(loaded, encode(loaded, x), ids.expand(b, -1)).float()
 
     return logits_fn
@@ -136,7 +127,7 @@ def mel_score_fn(
         loaded, mel, tr, n_mel, fill=fill, encoder_window=encoder_window, precision=precision
     )
     if encoder_window is not None:
-        frames = window_frames(n_mel, encoder_window)
+        frames = min(window_frames(n_mel, encoder_window), mel.shape[-1])
         ids = torch.tensor([tr.input_ids], device=mel.device)
         logits = decoder_logits(loaded, encode(loaded, mel[..., :frames]), ids)[0]
     score = _scorer(scorer, logits, tr)
@@ -160,10 +151,9 @@ def encoder_score_fn(
     are projected once for the real and the silent encoder output, and each mask only selects
     rows: the decoder reruns without re-projecting 1500 frames per layer (same numbers as
     :func:`decoder_logits` on the masked encoder output, about twice as fast)."""
-    encoder = loaded.model.model.encoder
+    silent = torch.full_like(mel, loaded.family.padding_value(mel))
     with attention_implementation(loaded, "sdpa"):
-        h = encoder(mel).last_hidden_state
-        h_silent = encoder(torch.full_like(mel, float(mel.min()))).last_hidden_state
+        h, h_silent = encode(loaded, mel), encode(loaded, silent)
     layers = loaded.model.model.decoder.layers
     kv = [(_cross_kv(layer, h), _cross_kv(layer, h_silent)) for layer in layers]
     ids = torch.tensor([tr.input_ids], device=mel.device)
@@ -185,7 +175,7 @@ def encoder_score_fn(
             cache=cache,
             use_cache=True,
         )
-        return score(loaded.model.proj_out(out.last_hidden_state))
+        return score(loaded.model.get_output_embeddings()(out.last_hidden_state))
 
     return score_fn
 
@@ -200,7 +190,7 @@ def _cross_kv(layer, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def decoder_logits(loaded: LoadedModel, h: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """Teacher-forced decoder on encoder output ``h`` (batch, 1500, d). shape = (batch, tokens,
-    vocab)."""
+    """Teacher-forced decoder on encoder output ``h`` (batch, enc_frames, d). shape = (batch,
+    tokens, vocab)."""
     out = loaded.model.model.decoder(input_ids=ids, encoder_hidden_states=h, use_cache=False)
-    return loaded.model.proj_out(out.last_hidden_state)
+    return loaded.model.get_output_embeddings()(out.last_hidden_state)

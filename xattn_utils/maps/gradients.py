@@ -54,16 +54,16 @@ def token_logprobs(loaded: LoadedModel, tr: Transcript) -> tuple[Callable, Calla
     input features (batch, mels, 3000), and of the encoder output (batch, 1500, d_model)."""
     ids = torch.tensor([tr.input_ids], device=loaded.device)
     ref = torch.tensor(tr.output_ids, device=loaded.device)
-    encoder = loaded.model.model.encoder
 
     def of_encoder(h: torch.Tensor) -> torch.Tensor:
         ids_b = ids.expand(h.shape[0], -1)
         out = loaded.model.model.decoder(input_ids=ids_b, encoder_hidden_states=h, use_cache=False)
-        lp = torch.log_softmax(loaded.model.proj_out(out.last_hidden_state).float(), dim=-1)
+        logits = loaded.model.get_output_embeddings()(out.last_hidden_state)
+        lp = torch.log_softmax(logits.float(), dim=-1)
         return lp.gather(-1, ref.expand(lp.shape[0], -1).unsqueeze(-1)).squeeze(-1)
 
     def of_mel(x: torch.Tensor) -> torch.Tensor:
-        return of_encoder(encoder(x).last_hidden_state)
+        return of_encoder(loaded.family.encode(loaded, x))
 
     return of_mel, of_encoder
 
@@ -111,17 +111,17 @@ def gradient_maps(
     encoder output is an intermediate of the same graph)."""
     _check(method)
     of_mel, of_encoder = token_logprobs(loaded, tr)
-    encoder = loaded.model.model.encoder
-    silent = torch.full_like(mel, float(mel.min()))
+    encode = loaded.family.encode
+    silent = torch.full_like(mel, loaded.family.padding_value(mel))
     if method == "integrated_gradients":
         sm_x = integrated_gradients(of_mel, mel, silent, n_steps=n_steps)
         with torch.no_grad():
-            h, h_silent = encoder(mel).last_hidden_state, encoder(silent).last_hidden_state
+            h, h_silent = encode(loaded, mel), encode(loaded, silent)
         sm_h = integrated_gradients(of_encoder, h, h_silent, n_steps=n_steps).sum(-1)
     else:
         x = mel.detach().requires_grad_(True)
         with torch.enable_grad():
-            h = encoder(x).last_hidden_state
+            h = encode(loaded, x)
             gx, gh = all_token_grads(of_encoder(h), (x, h))
         if method == "saliency":
             sm_x, sm_h = gx.abs(), gh.norm(dim=-1)
@@ -153,7 +153,7 @@ def captum_maps(
 
     _check(method)
     of_mel, _ = token_logprobs(loaded, tr)
-    silent = torch.full_like(mel, float(mel.min()))
+    silent = torch.full_like(mel, loaded.family.padding_value(mel))
     encoder = loaded.model.model.encoder.layer_norm  # its output is the encoder output H
     tokens = list(range(len(tr))) if tokens is None else tokens
     xs, hs = [], []

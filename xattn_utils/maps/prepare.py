@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..audio import duration, load_audio, n_enc_frames, n_mel_frames
+from ..audio import duration, load_audio
 from ..model.decode import Transcript, decode, features
 from ..model.loading import LoadedModel
 from .attention import forward_attention
@@ -23,11 +23,12 @@ class Prepared:
     """One utterance ready to explain.
 
     - ``audio``: 16 kHz mono samples.
-    - ``mel``: the model's input features, shape = (1, mels, 3000) (30 s, padded).
+    - ``mel``: the model's input features, shape = (1, mels, mel_frames) (Whisper: 30 s padded).
     - ``transcript``: the tokens explained.
     - ``logits``: the clean teacher-forced output, shape = (tokens, vocab).
     - ``cross_attention``: shape = (layers, heads, tokens, enc_frames), over the speech only.
-    - ``n_mel``, ``n_enc``: the speech's length in mel_frames (10 ms) and enc_frames (20 ms).
+    - ``n_mel``, ``n_enc``: the speech's length in mel_frames (10 ms) and enc_frames (the
+      family's: Whisper 20 ms, Speech2Text 40 ms).
     - ``text``, ``task``, ``language``: as requested (``text`` None: the model's own output).
     """
 
@@ -63,14 +64,14 @@ def prepare(
     tr = decode(loaded, audio, text=text, task=task, language=language)
     mel = features(loaded, audio)
     ca, logits = forward_attention(loaded, mel, tr)
-    n_enc = n_enc_frames(audio)
+    n_enc = loaded.family.n_enc_frames(audio)
     return Prepared(
         audio=audio,
         mel=mel,
         transcript=tr,
         logits=logits,
         cross_attention=ca[..., :n_enc].contiguous(),
-        n_mel=n_mel_frames(audio),
+        n_mel=loaded.family.n_mel_frames(audio),
         n_enc=n_enc,
         text=text,
         task=task,
@@ -81,4 +82,6 @@ def prepare(
 def spectrogram(loaded: LoadedModel, audio: np.ndarray | str) -> np.ndarray:
     """The model's log-mel input over the speech, shape = (mel_frames, mel_bins), for plots."""
     audio = load_audio(audio)
-    return features(loaded, audio)[0, :, : n_mel_frames(audio)].T.float().cpu().numpy()
+    return (
+        features(loaded, audio)[0, :, : loaded.family.n_mel_frames(audio)].T.float().cpu().numpy()
+    )

@@ -122,4 +122,5 @@ def explain(
         alignment_heads=loaded.alignment_heads,
         duration=p.duration,
         utterance=utterance,
+        enc_frame_seconds=loaded.family.enc_frame_seconds,
     )

