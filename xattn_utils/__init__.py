@@ -12,7 +12,7 @@ short name, loaded on first use (``xu.plots``, ``xu.faithfulness``, ``xu.timesta
 import importlib
 
 from .analysis.aligner import word_timestamps
-from .analysis.compare import corpus_table
+from .analysis.stats import corpus_table
 from .audio import load_audio
 from .data import load_corpus
 from .maps.attention import CrossAttention, cross_attention
@@ -53,7 +53,8 @@ MODULES = {
     "estimators": "maps.estimators", "spes": "maps.spes", "gradients": "maps.gradients",
     "saliency": "maps.saliency", "explanation": "maps.explanation", "corpus": "maps.corpus",
     "mixing": "analysis.mixing", "distributed": "maps.distributed",
-    "compare": "analysis.compare", "convergence": "analysis.convergence",
+    "compare": "analysis.compare", "stats": "analysis.stats",
+    "convergence": "analysis.convergence",
     "faithfulness": "analysis.faithfulness", "captum_metrics": "analysis.captum_metrics",
     "timestamps": "analysis.timestamps", "aligner": "analysis.aligner", "calibration":
     "analysis.calibration", "timestamp_formats": "analysis.timestamp_formats", "context":

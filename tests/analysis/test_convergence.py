@@ -9,7 +9,6 @@ import pandas as pd
 import pytest
 
 import xattn_utils as xu
-from xattn_utils.analysis.compare import reliability, spearman_brown
 from xattn_utils.analysis.convergence import (
     checkpoints,
     convergence,
@@ -18,6 +17,7 @@ from xattn_utils.analysis.convergence import (
     masks_needed,
     summary_table,
 )
+from xattn_utils.analysis.stats import reliability, spearman_brown
 from xattn_utils.maps.perturbation import DESIGNS, PerturbationError, PerturbationOptions
 
 

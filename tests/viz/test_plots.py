@@ -16,7 +16,7 @@ import pytest  # noqa: E402
 from matplotlib.axes import Axes  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 
-from xattn_utils import compare, plots, report, views, widgets  # noqa: E402
+from xattn_utils import plots, report, stats, views, widgets  # noqa: E402
 from xattn_utils.maps.perturbation import PerturbationOptions  # noqa: E402
 from xattn_utils.maps.saliency import explain  # noqa: E402
 from xattn_utils.maps.views import View  # noqa: E402
@@ -123,7 +123,7 @@ def test_token_map_shapes_and_errors(explanations):
 
 def test_plot_head_heatmap_marks_alignment_heads(table, explanations):
     heads = explanations[0].alignment_heads
-    summary = compare.corpus_table(table[table["kind"] == "head"])
+    summary = stats.corpus_table(table[table["kind"] == "head"])
     ax = plots.plot_head_heatmap(summary, against="SM_X", alignment_heads=heads)
     assert isinstance(ax, Axes)
     outlined = [p for p in ax.patches if isinstance(p, Rectangle) and not p.get_fill()]
@@ -135,12 +135,12 @@ def test_plot_head_heatmap_marks_alignment_heads(table, explanations):
 
 
 def test_plot_correlations(table):
-    by_kind = compare.corpus_table(table[table["kind"] != "saliency"], by=["against", "kind"])
+    by_kind = stats.corpus_table(table[table["kind"] != "saliency"], by=["against", "kind"])
     ax = plots.plot_correlations(by_kind)
     assert isinstance(ax, Axes)
     labels = [t.get_text() for t in ax.get_xticklabels()]
     assert labels == ["single head", "one layer", "alignment heads", "all heads"]
-    layers = compare.corpus_table(table[table["kind"].isin(["layer", "all"])])
+    layers = stats.corpus_table(table[table["kind"].isin(["layer", "all"])])
     ax = plots.plot_correlations(layers[layers["against"] == "SM_X"], x="map", hue=None)
     assert [t.get_text() for t in ax.get_xticklabels()] == ["CA L0", "CA L1", "CA all heads"]
     with pytest.raises(ValueError, match="several rows"):
@@ -150,7 +150,7 @@ def test_plot_correlations(table):
 def test_plot_cumulative(explanations, utterances):
     cumulative = report.cumulative_table(explanations, utterances)
     assert isinstance(plots.plot_cumulative(cumulative), Axes)  # per utterance: seaborn CIs
-    summary = compare.corpus_table(cumulative, by=["against", "kind", "n_layers"])
+    summary = stats.corpus_table(cumulative, by=["against", "kind", "n_layers"])
     ax = plots.plot_cumulative(summary)
     assert isinstance(ax, Axes)
     assert list(ax.get_xticks()) == [1, 2]

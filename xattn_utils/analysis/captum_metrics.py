@@ -41,8 +41,8 @@ from ..maps.prepare import Prepared
 from ..maps.spes import encoder_spes_run, input_spes_run
 from ..model.decode import features
 from ..model.loading import LoadedModel, attention_implementation
-from .compare import bootstrap_ci
 from .faithfulness import RANDOM, Curves, FaithfulnessError, time_maps
+from .stats import bootstrap_ci
 
 METRICS = ("infidelity", "sensitivity_max")
 

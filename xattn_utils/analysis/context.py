@@ -21,14 +21,8 @@ import numpy as np
 import pandas as pd
 
 from ..maps.views import ALL, select
-from .compare import (
-    bootstrap_ci,
-    corpus_table,
-    map_reliability,
-    norm_weighted,
-    pool_to_enc,
-    utterance_score,
-)
+from .compare import norm_weighted, pool_to_enc, utterance_score
+from .stats import bootstrap_ci, corpus_table, map_reliability
 
 if TYPE_CHECKING:  # results only: no model code at import time
     from .mixing import EncoderMixing
@@ -51,7 +45,7 @@ def layer_table(
 ) -> pd.DataFrame:
     """:meth:`EncoderMixing.shares` per layer (and rolled out), plus ``"other frames"`` = 1 -
     self, with 95% bootstrap CIs over utterances
-    (:func:`~xattn_utils.analysis.compare.corpus_table`)."""
+    (:func:`~xattn_utils.analysis.stats.corpus_table`)."""
     subsets = _subsets(utterances)
     frames = []
     for m in mixings:

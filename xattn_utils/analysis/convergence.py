@@ -8,7 +8,7 @@ designs with the same masks (``"control"`` those of ``"iid"``, ``"antithetic-con
 
 At each count ``n`` a map's **reliability** is the split-half correlation of its two halves'
 maps, extended to all ``n`` masks by Spearman-Brown
-(:func:`~xattn_utils.analysis.compare.reliability`, pooled to the encoder grid as the comparison
+(:func:`~xattn_utils.analysis.stats.reliability`, pooled to the encoder grid as the comparison
 pools it). The mask count that reaches a target reliability (0.9) is read off the curve where it is
 reached, and extrapolated by Spearman-Brown from the largest count where it is not
 (``extrapolated`` says which).
@@ -34,13 +34,8 @@ from ..maps.spes import encoder_spes_run, input_spes_run
 from ..maps.views import ALL, select
 from ..model.loading import LoadedModel
 from ..store import ResultStore, cached
-from .compare import (
-    corrected_summary,
-    disattenuate,
-    pool_to_enc,
-    reliability,
-    utterance_score,
-)
+from .compare import pool_to_enc, utterance_score
+from .stats import corrected_summary, disattenuate, reliability
 
 # the design whose forwards each design reuses
 FORWARDS_OF = {"iid": "iid", "antithetic": "antithetic", "control": "iid",
@@ -223,7 +218,7 @@ def corrected_table(
     seed: int = 0,
 ) -> pd.DataFrame:
     """At the largest mask count: observed r and r corrected for attenuation
-    (:func:`~xattn_utils.analysis.compare.disattenuated_ci`), each with a 95% bootstrap CI over
+    (:func:`~xattn_utils.analysis.stats.disattenuated_ci`), each with a 95% bootstrap CI over
     utterances, and the mean reliability."""
     top = table[table["n_masks"] == table.groupby(list(by))["n_masks"].transform("max")]
     return corrected_summary(top, by, n_boot=n_boot, seed=seed)

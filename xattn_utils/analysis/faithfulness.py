@@ -47,7 +47,8 @@ from ..maps.forwards import forward_batch_size, masked_mel_logits
 from ..maps.views import ALIGNMENT, ALL, select
 from ..model.decode import Transcript, features
 from ..model.loading import LoadedModel, attention_implementation
-from .compare import bootstrap_ci, pool_to_enc
+from .compare import pool_to_enc
+from .stats import bootstrap_ci
 
 MODES = ("deletion", "insertion")
 RANDOM = "random"

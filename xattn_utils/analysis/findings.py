@@ -20,7 +20,7 @@ or inside a band. With the number's 95% CI [low, high]:
   More utterances or masks narrow the CI.
 
 Correlations with a saliency map are corrected for its split-half reliability where a level
-is claimed (r / sqrt(reliability), :func:`~xattn_utils.analysis.compare.disattenuated_ci`): the
+is claimed (r / sqrt(reliability), :func:`~xattn_utils.analysis.stats.disattenuated_ci`): the
 study's maps used 20,000 masks, ours a few hundred. Differences between two views of CA against the
 same map are tested observed: the correction scales both by the same factor, so it cannot
 change their sign. The SM_H - SM_X gap is corrected on both sides, since the two maps differ
@@ -38,7 +38,7 @@ import numpy as np
 import pandas as pd
 
 from ..maps.views import ALIGNMENT, ALL, View, is_ca, parse
-from .compare import Estimate, bootstrap_ci, disattenuated_ci
+from .stats import Estimate, bootstrap_ci, disattenuated_ci
 from .tables import HEADLINE_AGGREGATES, correlation_table, headline, reliability_table
 
 HOLDS, FAILS, UNMEASURABLE = "holds", "does not hold", "not measurable at this budget"
@@ -117,7 +117,7 @@ def finding_row(
     below: float | None = None,
 ) -> dict:
     """One row of the findings table; ``estimate`` is a
-    :class:`~xattn_utils.analysis.compare.Estimate` (mean, low, high, n). The verdict follows from
+    :class:`~xattn_utils.analysis.stats.Estimate` (mean, low, high, n). The verdict follows from
     its CI by :func:`verdict`."""
     ok = estimate.n >= MIN_UTTERANCES and math.isfinite(estimate.mean)  # NaN mean: no verdict
     low, high = (estimate.low, estimate.high) if ok else (np.nan, np.nan)

@@ -17,17 +17,14 @@ import numpy as np
 import pandas as pd
 
 from ..maps.views import View
-from .compare import (
+from .compare import compare_maps, cumulative_layers, pool_to_enc, utterance_score
+from .stats import (
     bootstrap_ci,
-    compare_maps,
     corpus_table,
     corrected_summary,
-    cumulative_layers,
     disattenuated_ci,
     map_reliability,
-    pool_to_enc,
     reliability,
-    utterance_score,
 )
 
 COMPARISONS = ("CA vs SM_X", "CA vs SM_H", "SM_X vs SM_H")
@@ -110,7 +107,7 @@ def headline(
     Columns: ``by``, ``comparison``, ``aggregate``, ``map`` (the view's label), ``mean``,
     ``low``, ``high`` (95% bootstrap CI over utterances), ``n``; with
     ``reliabilities`` (a :func:`reliability_table`) also the map's mean ``reliability`` and
-    ``r_corrected`` with its CI (:func:`~xattn_utils.analysis.compare.disattenuated_ci`).
+    ``r_corrected`` with its CI (:func:`~xattn_utils.analysis.stats.disattenuated_ci`).
     """
     rows = []
     ca = table[table["kind"].isin([kind for _, kind in aggregates])]
@@ -168,13 +165,13 @@ def aggregation_gain(
 
 
 def reliability_table(explanations: Sequence, utterances: Sequence = ()) -> pd.DataFrame:
-    """Split-half reliability (:func:`~xattn_utils.analysis.compare.reliability`) of SM_X (pooled)
+    """Split-half reliability (:func:`~xattn_utils.analysis.stats.reliability`) of SM_X (pooled)
     and SM_H per utterance: ``half`` (r between the maps of two halves of the masks) and ``full``
     (Spearman-Brown, all masks). Empty for methods without folds (gradients).
 
     An SM_X map from a regularised estimator (``params["estimator"]`` other than ``"mean"``)
     gets, as ``full``, its agreement with held-out high-mask references instead
-    (:func:`~xattn_utils.analysis.compare.reference_reliability`; NaN where none was measured for
+    (:func:`~xattn_utils.analysis.stats.reference_reliability`; NaN where none was measured for
     its model and mask count): shrinkage makes halves agree, so split-half would overstate it.
     ``source`` says which."""
     rows = []
@@ -200,7 +197,7 @@ def attenuation_table(
 ) -> pd.DataFrame:
     """Mean r of CA (``view``, a view label) with SM_X and SM_H (column ``against``) per ``by``,
     the maps' mean reliability, and r
-    corrected for the maps' noise (:func:`~xattn_utils.analysis.compare.disattenuate`): an estimate
+    corrected for the maps' noise (:func:`~xattn_utils.analysis.stats.disattenuate`): an estimate
     of the r that infinitely many masks would give. Both r with 95% bootstrap CIs over utterances
     (``r_low``, ``r_high``, ``r_corrected_low``, ``r_corrected_high``). NaN where a map shows
     no reliable signal."""

@@ -49,7 +49,8 @@ from ..maps.attention import CrossAttention
 from ..maps.views import ALIGNMENT, ALL, View, is_ca, parse
 from ..maps.views import stack as stack_heads
 from ..model.decode import Transcript
-from .compare import bootstrap_ci, pool_to_enc
+from .compare import pool_to_enc
+from .stats import bootstrap_ci
 
 if TYPE_CHECKING:
     from ..maps.explanation import Explanation
