@@ -38,13 +38,13 @@ ORDER = [
     "maps.perturbation", "maps.estimators", "maps.forwards", "maps.spes", "maps.saliency",
     "maps.corpus", "maps.distributed",
     "captum",
-    "analysis", "analysis.compare", "analysis.convergence", "analysis.faithfulness",
-    "analysis.captum_metrics",
+    "analysis", "analysis.compare", "analysis.convergence", "analysis.occlusion",
+    "analysis.faithfulness", "analysis.captum_metrics",
     "analysis.timestamps", "analysis.aligner", "analysis.calibration",
     "analysis.timestamp_formats", "analysis.mixing", "analysis.context", "analysis.tables",
     "analysis.findings",
     "reference", "reference.whisper",
-    "viz", "viz.plots", "viz.widgets",
+    "viz", "viz.plots", "viz.charts", "viz.widgets",
     "report.study", "report", "report.index", "report.runner",
     "cli",
 ]  # fmt: skip
@@ -52,7 +52,9 @@ ORDER = [
 MODEL_CODE = {m for m in MODULES if m.startswith(("model", "maps"))} | {"report.study"}
 MODEL_CODE -= {"maps", "maps.views", "maps.explanation"}
 # never import model code, not even lazily
-NO_MODEL_CODE = ("viz.plots", "analysis.compare", "store", "analysis.tables", "analysis.findings")
+NO_MODEL_CODE = (
+    "viz.plots", "viz.charts", "analysis.compare", "store", "analysis.tables", "analysis.findings",
+)  # fmt: skip
 # Imports inside a function may reach modules to the right only where declared here, with why.
 LAZY_UPSTREAM = {
     ("data", "hf_datasets"): "load_corpus reads save_to_disk folders and audiofolder:PATH",

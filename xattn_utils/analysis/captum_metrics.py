@@ -42,7 +42,8 @@ from ..maps.spes import encoder_spes_run, input_spes_run
 from ..model.decode import features
 from ..model.loading import LoadedModel, attention_implementation
 from .compare import bootstrap_ci
-from .faithfulness import RANDOM, Curves, FaithfulnessError, time_maps
+from .faithfulness import Curves, time_maps
+from .occlusion import RANDOM, FaithfulnessError
 
 METRICS = ("infidelity", "sensitivity_max")
 
