@@ -38,13 +38,13 @@ ORDER = [
     "maps.perturbation", "maps.estimators", "maps.forwards", "maps.spes", "maps.saliency",
     "maps.corpus", "maps.distributed",
     "captum",
-    "analysis", "analysis.compare", "analysis.stats", "analysis.convergence",
+    "analysis", "analysis.compare", "analysis.stats", "analysis.convergence", "analysis.occlusion",
     "analysis.faithfulness", "analysis.captum_metrics",
     "analysis.timestamps", "analysis.aligner", "analysis.calibration",
     "analysis.timestamp_formats", "analysis.mixing", "analysis.context", "analysis.tables",
     "analysis.findings",
     "reference", "reference.whisper",
-    "viz", "viz.plots", "viz.widgets",
+    "viz", "viz.plots", "viz.charts", "viz.widgets",
     "report.study", "report", "report.index", "report.runner",
     "cli",
 ]  # fmt: skip
@@ -53,7 +53,7 @@ MODEL_CODE = {m for m in MODULES if m.startswith(("model", "maps"))} | {"report.
 MODEL_CODE -= {"maps", "maps.views", "maps.explanation"}
 # never import model code, not even lazily
 NO_MODEL_CODE = (
-    "viz.plots", "analysis.compare", "analysis.stats", "store", "analysis.tables",
+    "viz.plots", "viz.charts", "analysis.compare", "analysis.stats", "store", "analysis.tables",
     "analysis.findings",
 )  # fmt: skip
 # Imports inside a function may reach modules to the right only where declared here, with why.

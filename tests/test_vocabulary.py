@@ -9,7 +9,16 @@ from types import SimpleNamespace
 import pandas as pd
 import pytest
 
-from xattn_utils import context, convergence, faithfulness, mixing, tables, timestamps, views
+from xattn_utils import (
+    context,
+    convergence,
+    faithfulness,
+    mixing,
+    occlusion,
+    tables,
+    timestamps,
+    views,
+)
 from xattn_utils.maps.perturbation import PerturbationOptions
 from xattn_utils.maps.saliency import explain
 
@@ -54,7 +63,7 @@ def produced(tiny, corpus) -> dict[str, pd.DataFrame]:
     out["timing_best_layer"] = timestamps.timing_table(exps, utts).drop(columns="score")
     out["timing_summary"] = timestamps.timing_summary(timing, n_boot=50)
     out["boundaries"] = timestamps.boundary_errors(timing)
-    options = faithfulness.FaithfulnessOptions(fractions=(0.5,), n_random=1, max_tokens=2)
+    options = occlusion.FaithfulnessOptions(fractions=(0.5,), n_random=1, max_tokens=2)
     curves = faithfulness.curves_corpus(tiny, exps, utts, options=options, progress=False)
     out["auc"] = aucs = faithfulness.auc_table(curves, utts)
     out["curves"] = faithfulness.curves_table(curves, utts)

@@ -3,10 +3,11 @@
 The package is grouped by family, in data-flow order (imports go one way):
 ``audio``, ``store``, ``data`` -> ``model`` (loading, conversion, decoding, forwards) -> ``maps``
 (CA, SPES and gradient saliency, explanations, corpora) -> ``analysis`` (comparisons,
-convergence, faithfulness, timestamps, context mixing, the study's tables and findings) ->
-``viz`` (plots, the explorer) -> ``report`` (the study, the notebooks' runner, the index) ->
-``cli``; ``reference`` holds the openai-whisper reference. Every module is also reachable by its
-short name, loaded on first use (``xu.plots``, ``xu.faithfulness``, ``xu.timestamps`` ...).
+convergence, occlusion and faithfulness, timestamps, context mixing, the study's tables and
+findings) -> ``viz`` (maps of one utterance, charts of tables, the explorer) -> ``report`` (the
+study, the notebooks' runner, the index) -> ``cli``; ``reference`` holds the openai-whisper
+reference. Every module is also reachable by its short name, loaded on first use
+(``xu.plots``, ``xu.charts``, ``xu.faithfulness``, ``xu.timestamps`` ...).
 """
 
 import importlib
@@ -55,11 +56,12 @@ MODULES = {
     "mixing": "analysis.mixing", "distributed": "maps.distributed",
     "compare": "analysis.compare", "stats": "analysis.stats",
     "convergence": "analysis.convergence",
-    "faithfulness": "analysis.faithfulness", "captum_metrics": "analysis.captum_metrics",
+    "occlusion": "analysis.occlusion", "faithfulness": "analysis.faithfulness",
+    "captum_metrics": "analysis.captum_metrics",
     "timestamps": "analysis.timestamps", "aligner": "analysis.aligner", "calibration":
     "analysis.calibration", "timestamp_formats": "analysis.timestamp_formats", "context":
     "analysis.context", "tables": "analysis.tables", "findings": "analysis.findings",
-    "plots": "viz.plots", "widgets": "viz.widgets",
+    "plots": "viz.plots", "charts": "viz.charts", "widgets": "viz.widgets",
     "study": "report.study", "runner": "report.runner", "index": "report.index",
     "captum": "captum", "hf_datasets": "hf_datasets",
     "views": "maps.views", "whisper_ref": "reference.whisper",

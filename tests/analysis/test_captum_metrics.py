@@ -7,6 +7,7 @@ import torch
 
 from xattn_utils import captum_metrics as cm
 from xattn_utils import faithfulness as fa
+from xattn_utils import occlusion as oc
 from xattn_utils.audio import n_enc_frames, n_mel_frames
 from xattn_utils.maps.saliency import explain
 from xattn_utils.model.decode import features
@@ -41,14 +42,14 @@ def test_frame_weights_of_zero_and_one_are_deletion_forwards(tiny, tone):
     mel, n_mel, n_enc = features(tiny, tone), n_mel_frames(tone), n_enc_frames(tone)
     occluded = torch.zeros(2, n_enc, dtype=torch.bool)
     occluded[1, 10:40] = True
-    expected = fa.probability_fn(tiny, mel, tr, n_mel)(occluded).double()
+    expected = oc.probability_fn(tiny, mel, tr, n_mel)(occluded).double()
     got = cm.frame_probability_fn(tiny, mel, tr, n_mel)((~occluded).double())
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-7)
 
 
 def test_metrics_of_every_ranked_map_on_the_random_model(tiny, tone):
     e = explain(tiny, tone, text=TEXT, n_masks=4, progress=False, utterance="u")
-    options = fa.FaithfulnessOptions(fractions=(0.5,), n_random=1, max_tokens=2)
+    options = oc.FaithfulnessOptions(fractions=(0.5,), n_random=1, max_tokens=2)
     curves = fa.curves(tiny, tone, e.transcript, fa.time_maps(e), options=options, utterance="u",
                        progress=False)  # fmt: skip
     small = cm.CaptumMetricOptions(n_infidelity=3, n_sensitivity=1, radius=1e-6,
@@ -73,5 +74,5 @@ def test_metrics_of_every_ranked_map_on_the_random_model(tiny, tone):
      {"sensitivity_masks": 0}],
 )  # fmt: skip
 def test_bad_options_raise(kwargs):
-    with pytest.raises(fa.FaithfulnessError, match=next(iter(kwargs))):
+    with pytest.raises(oc.FaithfulnessError, match=next(iter(kwargs))):
         cm.CaptumMetricOptions(**kwargs)

@@ -124,9 +124,9 @@ def test_plot_convergence_draws_one_line_per_design(table):
     import matplotlib
 
     matplotlib.use("Agg")
-    from xattn_utils import plots
+    from xattn_utils import charts
 
-    ax = plots.plot_convergence(table, map="SM_H", y="reliability", target=0.9)
+    ax = charts.plot_convergence(table, map="SM_H", y="reliability", target=0.9)
     assert len(ax.get_lines()) == len(DESIGNS) + 1  # + the target line
-    ax = plots.plot_convergence(table, map="SM_X", y="r")
+    ax = charts.plot_convergence(table, map="SM_X", y="r")
     assert len(ax.get_lines()) == 2 * len(DESIGNS)  # observed and corrected

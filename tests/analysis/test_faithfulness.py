@@ -11,18 +11,20 @@ import pytest
 import torch
 
 from xattn_utils import faithfulness as ff
+from xattn_utils import occlusion as oc
 from xattn_utils.analysis.faithfulness import (
-    RANDOM,
     Curves,
-    FaithfulnessError,
-    FaithfulnessOptions,
     auc_table,
-    curve_probabilities,
     curves,
     curves_corpus,
     faithfulness_table,
-    occlusions,
     time_maps,
+)
+from xattn_utils.analysis.occlusion import (
+    RANDOM,
+    FaithfulnessError,
+    FaithfulnessOptions,
+    curve_probabilities,
 )
 from xattn_utils.audio import n_mel_frames
 from xattn_utils.maps.saliency import explain
@@ -100,20 +102,6 @@ def test_planted_dependency_beats_random_and_pointing_away_loses():
     assert (table["tokens"] == len(REGIONS)).all()
 
 
-def test_deletion_and_insertion_of_one_order_are_complements():
-    gen = torch.Generator().manual_seed(0)
-    orders = torch.stack([torch.randperm(30, generator=gen) for _ in range(5)])
-    ks = [1, 7, 15, 29]
-    occ = occlusions(orders, ks)
-    assert occ.shape == (5, 2, len(ks), 30) and occ.dtype == torch.bool
-    assert torch.equal(occ[:, 0], ~occ[:, 1])
-    for j in range(5):
-        for s, k in enumerate(ks):
-            expected = torch.zeros(30, dtype=torch.bool)
-            expected[orders[j, :k]] = True  # deletion occludes exactly the first k frames
-            assert torch.equal(occ[j, 0, s], expected)
-
-
 def test_linear_model_deletion_plus_insertion_is_constant():
     """p = w . kept: deleting the top k leaves W - w(top k), inserting them gives w(top k)."""
     tr = _transcript(3)
@@ -171,55 +159,13 @@ def test_same_seed_same_curves_and_identical_inputs_run_once():
     assert torch.equal(twins.probabilities[0].nan_to_num(), twins.probabilities[1].nan_to_num())
 
 
-@pytest.mark.parametrize(
-    ("kwargs", "match"),
-    [
-        ({"fractions": (0.0, 0.5)}, "fractions"),
-        ({"fractions": (0.5, 0.2)}, "strictly increasing"),
-        ({"fractions": (0.2, 0.2)}, "strictly increasing"),
-        ({"fractions": (0.5, 1.0)}, "fractions"),
-        ({"fractions": ()}, "fractions"),
-        ({"fractions": ("a",)}, "fractions must be numbers"),
-        ({"n_random": 0}, "n_random"),
-        ({"n_random": 1.5}, "n_random"),
-        ({"n_random": True}, "n_random"),
-        ({"max_tokens": 0}, "max_tokens"),
-        ({"batch_size": 0}, "batch_size"),
-    ],
-)
-def test_bad_options(kwargs, match):
-    with pytest.raises(FaithfulnessError, match=match):
-        FaithfulnessOptions(**kwargs)
-
-
-def test_options_take_lists_and_key_only_what_changes_curves():
-    options = FaithfulnessOptions(fractions=[0.1, 0.5], batch_size=8)
-    assert options.fractions == (0.1, 0.5)
-    assert options.params() == {"fractions": [0.1, 0.5], "n_random": 2, "max_tokens": None}
-
-
-def test_bad_maps_name_the_problem():
+def test_bad_modes_and_groupings_name_the_problem():
     tr = _transcript(2)
 
     def probs(occluded):
         return torch.zeros(len(occluded), 4)
 
     good = torch.rand(4, 20)
-    cases = [
-        ({"CA": good, "SM_X": torch.rand(4, 40, 80)}, "map 'SM_X' has shape"),
-        ({"CA": good, "SM_H": torch.rand(3, 20)}, "map 'SM_H' has shape"),
-        ({"CA": good, "SM_H": torch.rand(4, 21)}, "map 'SM_H' has shape"),
-        ({RANDOM: good}, "rename that map"),
-        ({}, "no maps"),
-        ({"CA": torch.rand(4, 1)}, "at least 2 encoder frames"),
-        ({"SM_X": torch.rand(4, 20, 80), "CA": good}, "map 'SM_X' has shape"),
-        ({"CA": torch.rand(20)}, "map 'CA' has shape"),
-    ]
-    for maps, match in cases:
-        with pytest.raises(FaithfulnessError, match=match):
-            curve_probabilities(probs, maps, tr.special)
-    with pytest.raises(FaithfulnessError, match=r"probs returned \(1, 4\) for 4 inputs"):
-        curve_probabilities(lambda o: torch.zeros(1, 4), {"CA": good}, tr.special)
     with pytest.raises(FaithfulnessError, match="unknown mode"):
         _toy_curves(probs, {"CA": good}, tr, FaithfulnessOptions()).auc("ablation")
     with pytest.raises(FaithfulnessError, match="must include 'map'"):
@@ -405,19 +351,19 @@ def test_plot_faithfulness_curves_draws_one_line_per_method():
     import matplotlib.pyplot as plt
     from matplotlib.axes import Axes
 
-    from xattn_utils import plots
+    from xattn_utils import charts
 
     tr = _transcript(len(REGIONS))
     result = _toy_curves(_planted, _region_maps(), tr, FaithfulnessOptions(fractions=(0.1, 0.3)))
     try:
         for curves_ in ([result], ff.curves_table([result])):
-            for mode in ff.MODES:
-                ax = plots.plot_faithfulness_curves(curves_, mode=mode)
+            for mode in oc.MODES:
+                ax = charts.plot_faithfulness_curves(curves_, mode=mode)
                 assert isinstance(ax, Axes) and ax.get_title() == mode
                 labels = [t.get_text() for t in ax.get_legend().get_texts()]
                 assert labels == ["right", "wrong", RANDOM]
                 assert [round(x, 2) for x in ax.lines[0].get_xdata()] == [0, 0.1, 0.3, 1]
         _, ax = plt.subplots()
-        assert plots.plot_faithfulness_curves([], ax=ax) is ax  # nothing to draw: a note
+        assert charts.plot_faithfulness_curves([], ax=ax) is ax  # nothing to draw: a note
     finally:
         plt.close("all")

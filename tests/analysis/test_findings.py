@@ -16,7 +16,7 @@ import pytest  # noqa: E402
 from matplotlib.axes import Axes  # noqa: E402
 
 import xattn_utils as xu  # noqa: E402
-from xattn_utils import findings, plots  # noqa: E402
+from xattn_utils import charts, findings  # noqa: E402
 from xattn_utils.analysis.findings import FAILS, HOLDS, UNMEASURABLE, verdict  # noqa: E402
 from xattn_utils.data import Utterance  # noqa: E402
 from xattn_utils.maps.perturbation import PerturbationOptions  # noqa: E402
@@ -135,7 +135,7 @@ def test_corrected_gap_undoes_the_attenuation():
 def test_plot_headline_returns_axes_with_the_study_labelled(stored, corpus):
     views = findings.headline_views(findings.Evidence.from_explanations(stored, corpus))
     assert set(views["aggregate"]) == {"best head", "best layer", "all heads", "alignment heads"}
-    ax = plots.plot_headline(views, findings.study_values())
+    ax = charts.plot_headline(views, findings.study_values())
     assert isinstance(ax, Axes)
     labels = [t.get_text() for t in ax.get_yticklabels()]
     assert sum("the study's" in lab for lab in labels) == len(findings.STUDY_MODELS)

@@ -472,18 +472,18 @@ def test_plot_timing_errors_returns_axes(planted_table):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from xattn_utils import plots
+    from xattn_utils import charts
 
-    ax = plots.plot_timing_errors(T.boundary_errors(planted_table))
+    ax = charts.plot_timing_errors(T.boundary_errors(planted_table))
     labels = [t.get_text() for t in ax.get_yticklabels()]
     assert labels[:4] == ["CA alignment heads", "CA all heads", "CA best layer", "SM_H"]
     summary = T.timing_summary(planted_table)
-    ax = plots.plot_timing_errors(summary, metric="within_50ms")
+    ax = charts.plot_timing_errors(summary, metric="within_50ms")
     assert [t.get_text() for t in ax.get_xticklabels()][:3] == [
         "CA alignment heads", "CA all heads", "CA best layer",
     ]  # fmt: skip
     assert len(ax.get_legend().get_texts()) == 3  # all, synthetic, real
     for empty in [T.boundary_errors(T.timing_table([], [])), summary.iloc[:0]]:
-        ax = plots.plot_timing_errors(empty, metric=None if "error_ms" in empty else "mae_ms")
+        ax = charts.plot_timing_errors(empty, metric=None if "error_ms" in empty else "mae_ms")
         assert "no boundaries" in ax.texts[0].get_text()
     plt.close("all")

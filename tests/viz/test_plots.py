@@ -1,5 +1,6 @@
-"""Every plot_* returns Axes (Agg backend) on a tiny Explanation, and the tables they draw from
-(:mod:`xattn_utils.report`) hold what the notebooks expect."""
+"""Every map of one utterance returns Axes (Agg backend) on a tiny Explanation (fixtures in
+conftest.py), and the tables the charts draw from (:mod:`xattn_utils.report`) hold what the
+notebooks expect."""
 
 from __future__ import annotations
 
@@ -14,51 +15,10 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 from matplotlib.axes import Axes  # noqa: E402
-from matplotlib.patches import Rectangle  # noqa: E402
 
-from xattn_utils import plots, report, stats, views, widgets  # noqa: E402
+from xattn_utils import plots, report, views, widgets  # noqa: E402
 from xattn_utils.maps.perturbation import PerturbationOptions  # noqa: E402
-from xattn_utils.maps.saliency import explain  # noqa: E402
 from xattn_utils.maps.views import View  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def explanations(tiny, tone):
-    """Two utterances explained by the random model with a few i.i.d. masks (about 2 s; so few
-    complementary pairs would leave max-pooled half maps constant)."""
-    texts = ["the cat sat on the mat", "open the door"]
-    iid = PerturbationOptions(design="iid")
-    return [
-        explain(
-            tiny,
-            tone[: 16000 + 8000 * i],
-            text=t,
-            n_masks=6,
-            options=iid,
-            progress=False,
-            utterance=f"u{i}",
-        )  # fmt: skip
-        for i, t in enumerate(texts)
-    ]
-
-
-@pytest.fixture(scope="module")
-def utterances(tone):
-    return [
-        SimpleNamespace(id="u0", subset="synthetic", language="en", load=lambda: tone[:16000]),
-        SimpleNamespace(id="u1", subset="real", language="en", load=lambda: tone[:24000]),
-    ]
-
-
-@pytest.fixture(scope="module")
-def table(explanations, utterances):
-    return report.correlation_table(explanations, utterances)
-
-
-@pytest.fixture(autouse=True)
-def _close_figures():
-    yield
-    plt.close("all")
 
 
 @pytest.fixture(scope="module")
@@ -119,41 +79,6 @@ def test_token_map_shapes_and_errors(explanations):
         plots.token_map(e, "CA everything")
     with pytest.raises(ValueError, match="map must be"):
         plots.token_map(e, "attention")
-
-
-def test_plot_head_heatmap_marks_alignment_heads(table, explanations):
-    heads = explanations[0].alignment_heads
-    summary = stats.corpus_table(table[table["kind"] == "head"])
-    ax = plots.plot_head_heatmap(summary, against="SM_X", alignment_heads=heads)
-    assert isinstance(ax, Axes)
-    outlined = [p for p in ax.patches if isinstance(p, Rectangle) and not p.get_fill()]
-    assert len(outlined) == len(heads)
-    one_utterance = table[(table["utterance"] == "u0") & (table["against"] == "SM_H")]
-    assert isinstance(plots.plot_head_heatmap(one_utterance), Axes)  # column r
-    with pytest.raises(ValueError, match="no per-head rows"):
-        plots.plot_head_heatmap(table[table["kind"] == "layer"])
-
-
-def test_plot_correlations(table):
-    by_kind = stats.corpus_table(table[table["kind"] != "saliency"], by=["against", "kind"])
-    ax = plots.plot_correlations(by_kind)
-    assert isinstance(ax, Axes)
-    labels = [t.get_text() for t in ax.get_xticklabels()]
-    assert labels == ["single head", "one layer", "alignment heads", "all heads"]
-    layers = stats.corpus_table(table[table["kind"].isin(["layer", "all"])])
-    ax = plots.plot_correlations(layers[layers["against"] == "SM_X"], x="map", hue=None)
-    assert [t.get_text() for t in ax.get_xticklabels()] == ["CA L0", "CA L1", "CA all heads"]
-    with pytest.raises(ValueError, match="several rows"):
-        plots.plot_correlations(layers, x="map", hue=None)
-
-
-def test_plot_cumulative(explanations, utterances):
-    cumulative = report.cumulative_table(explanations, utterances)
-    assert isinstance(plots.plot_cumulative(cumulative), Axes)  # per utterance: seaborn CIs
-    summary = stats.corpus_table(cumulative, by=["against", "kind", "n_layers"])
-    ax = plots.plot_cumulative(summary)
-    assert isinstance(ax, Axes)
-    assert list(ax.get_xticks()) == [1, 2]
 
 
 def test_set_theme_is_idempotent():

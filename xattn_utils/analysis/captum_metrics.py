@@ -41,7 +41,8 @@ from ..maps.prepare import Prepared
 from ..maps.spes import encoder_spes_run, input_spes_run
 from ..model.decode import features
 from ..model.loading import LoadedModel, attention_implementation
-from .faithfulness import RANDOM, Curves, FaithfulnessError, time_maps
+from .faithfulness import Curves, time_maps
+from .occlusion import RANDOM, FaithfulnessError
 from .stats import bootstrap_ci
 
 METRICS = ("infidelity", "sensitivity_max")

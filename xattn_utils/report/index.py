@@ -71,11 +71,12 @@ def provenance(explanations: Sequence, utterances: Sequence = ()) -> dict:
 
 
 def headline_figure(views: pd.DataFrame, path: Path) -> str:
-    """Draw :func:`~xattn_utils.viz.plots.plot_headline` with the study's values, save it as PNG at
+    """Draw :func:`~xattn_utils.viz.charts.plot_headline` with the study's values, save it as PNG at
     ``path`` and return it base64-encoded for the page."""
     import matplotlib.pyplot as plt
 
-    from ..viz.plots import plot_headline, set_theme
+    from ..viz.charts import plot_headline
+    from ..viz.plots import set_theme
 
     set_theme()
     ax = plot_headline(views, study_values())
