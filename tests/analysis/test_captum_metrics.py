@@ -8,9 +8,7 @@ import torch
 from xattn_utils import captum_metrics as cm
 from xattn_utils import faithfulness as fa
 from xattn_utils import occlusion as oc
-from xattn_utils.audio import n_enc_frames, n_mel_frames
 from xattn_utils.maps.saliency import explain
-from xattn_utils.model.decode import features
 
 TEXT = "hello there world"
 
@@ -34,17 +32,6 @@ def test_infidelity_is_zero_for_the_exact_effects_and_shares_its_occlusions():
     assert inf[0].abs().max() < 1e-12
     assert (inf[1] > 1e-3).all() and (inf[2] > inf[0]).all()
     assert len(seen) <= options.n_infidelity + 1
-
-
-def test_frame_weights_of_zero_and_one_are_deletion_forwards(tiny, tone):
-    """Weights 1 keep a frame, 0 occlude it exactly as the deletion curves do."""
-    tr = explain(tiny, tone, text=TEXT, method="saliency").transcript
-    mel, n_mel, n_enc = features(tiny, tone), n_mel_frames(tone), n_enc_frames(tone)
-    occluded = torch.zeros(2, n_enc, dtype=torch.bool)
-    occluded[1, 10:40] = True
-    expected = oc.probability_fn(tiny, mel, tr, n_mel)(occluded).double()
-    got = cm.frame_probability_fn(tiny, mel, tr, n_mel)((~occluded).double())
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-7)
 
 
 def test_metrics_of_every_ranked_map_on_the_random_model(tiny, tone):

@@ -1,5 +1,6 @@
 """Occluding encoder frames: frame orders, deletion and insertion masks, the curves' options, and
-the errors of bad maps (toy probability functions, no model)."""
+the errors of bad maps (toy probability functions), and the model's probabilities of occluded
+inputs (random-tiny)."""
 
 from __future__ import annotations
 
@@ -13,10 +14,15 @@ from xattn_utils.analysis.occlusion import (
     FaithfulnessError,
     FaithfulnessOptions,
     curve_probabilities,
+    frame_probability_fn,
     occlusions,
+    probability_fn,
     rank_frames,
     step_frames,
 )
+from xattn_utils.audio import n_enc_frames, n_mel_frames
+from xattn_utils.maps.saliency import explain
+from xattn_utils.model.decode import features
 
 
 def test_rank_frames_puts_high_values_first_and_nan_last():
@@ -97,3 +103,14 @@ def test_bad_maps_name_the_problem():
             curve_probabilities(probs, maps, special)
     with pytest.raises(FaithfulnessError, match=r"probs returned \(1, 4\) for 4 inputs"):
         curve_probabilities(lambda o: torch.zeros(1, 4), {"CA": good}, special)
+
+
+def test_frame_weights_of_zero_and_one_are_deletion_forwards(tiny, tone):
+    """Weights 1 keep a frame, 0 occlude it exactly as the deletion curves do."""
+    tr = explain(tiny, tone, text="hello there world", method="saliency").transcript
+    mel, n_mel, n_enc = features(tiny, tone), n_mel_frames(tone), n_enc_frames(tone)
+    occluded = torch.zeros(2, n_enc, dtype=torch.bool)
+    occluded[1, 10:40] = True
+    expected = probability_fn(tiny, mel, tr, n_mel)(occluded).double()
+    got = frame_probability_fn(tiny, mel, tr, n_mel)((~occluded).double())
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-7)

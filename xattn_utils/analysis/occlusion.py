@@ -9,8 +9,8 @@ distinct occlusion once through a probability function (:data:`ProbabilityFn`), 
 :func:`probability_fn` is a teacher-forced model's, an occluded frame's mel frames taking the
 padding value in every mel bin. The curves' knobs (:class:`FaithfulnessOptions`), their modes,
 the random floor's name and :class:`FaithfulnessError` are defined here, where the curves start.
-(:func:`~xattn_utils.analysis.captum_metrics.frame_probability_fn` is the fractional
-counterpart Captum's infidelity needs.)
+(:func:`frame_probability_fn` is the fractional counterpart Captum's infidelity needs, in
+:mod:`xattn_utils.analysis.captum_metrics`.)
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from ..maps.forwards import masked_mel_logits
 from ..model.decode import Transcript
-from ..model.loading import LoadedModel
+from ..model.loading import LoadedModel, attention_implementation
 
 MODES = ("deletion", "insertion")
 RANDOM = "random"
@@ -201,5 +201,39 @@ def probability_fn(loaded: LoadedModel, mel: torch.Tensor, tr: Transcript, n_mel
         cells = per_mel[:, :, None].expand(-1, -1, mel.shape[1])  # (batch, mel_frames, mels)
         p = torch.softmax(masked_logits(cells).float(), dim=-1)
         return p.gather(-1, ref.expand(b, -1).unsqueeze(-1)).squeeze(-1)
+
+    return probs
+
+
+def frame_probability_fn(loaded: LoadedModel, mel: torch.Tensor, tr, n_mel: int):
+    """Reference-token probabilities (batch, tokens) of encoder-frame weights ``x`` (batch,
+    enc_frames): frame ``j``'s mel frames (the family's subsampling: Whisper 2, Speech2Text 4)
+    become ``fill + x_j (mel - fill)`` (1: as is, 0: occluded with the padding value, as
+    deletion). Equal rows are run once per call and remembered (infidelity repeats the same
+    inputs)."""
+    family = loaded.family
+    fill = family.padding_value(mel)
+    ids = torch.tensor([tr.input_ids], device=mel.device)
+    ref = torch.tensor(tr.output_ids, device=mel.device)
+    seen: dict[bytes, torch.Tensor] = {}
+
+    @torch.no_grad()
+    def probs(x: torch.Tensor) -> torch.Tensor:
+        x = x.detach().to(torch.float32).cpu()
+        keys = [row.numpy().tobytes() for row in x]
+        new = list(dict.fromkeys(k for k in keys if k not in seen))
+        rows = [keys.index(k) for k in new]
+        for start in range(0, len(rows), 4):
+            batch = x[rows[start : start + 4]]
+            weight = batch.repeat_interleave(family.enc_subsampling, dim=1)[:, :n_mel].to(mel)
+            full = mel.expand(len(batch), -1, -1).clone()
+            full[..., :n_mel] = fill + weight[:, None, :] * (mel[..., :n_mel] - fill)
+            with attention_implementation(loaded, "sdpa"):
+                logits = family.forward(loaded, full, ids.expand(len(batch), -1)).logits
+            p = torch.softmax(logits.float(), dim=-1)
+            p = p.gather(-1, ref.expand(len(batch), -1).unsqueeze(-1)).squeeze(-1).cpu()
+            for j, k in enumerate(new[start : start + 4]):
+                seen[k] = p[j].double()
+        return torch.stack([seen[k] for k in keys])
 
     return probs
