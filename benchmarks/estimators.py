@@ -39,7 +39,8 @@ import torch
 
 from xattn_utils.analysis.compare import pool_to_enc
 from xattn_utils.maps.estimators import ESTIMATORS, UnitDesign, estimate
-from xattn_utils.maps.perturbation import MaskSampler, bin_features, ridge_gcv, time_bins
+from xattn_utils.maps.masks import MaskSampler
+from xattn_utils.maps.perturbation import bin_features, ridge_gcv, time_bins
 
 ROOT = Path(__file__).resolve().parents[1] / "data" / "reference"
 

@@ -31,7 +31,8 @@ from xattn_utils.data import load_corpus
 from xattn_utils.maps.attention import forward_attention
 from xattn_utils.maps.estimators import estimate
 from xattn_utils.maps.forwards import decoder_logits, encode, mel_score_fn
-from xattn_utils.maps.perturbation import MaskSampler, PerturbationOptions, kl_scores
+from xattn_utils.maps.masks import MaskSampler
+from xattn_utils.maps.perturbation import PerturbationOptions, kl_scores
 from xattn_utils.model.decode import Transcript, decode, features
 from xattn_utils.model.loading import attention_implementation
 

@@ -30,13 +30,8 @@ from xattn_utils.audio import n_mel_frames
 from xattn_utils.data import load_corpus
 from xattn_utils.maps.attention import forward_attention
 from xattn_utils.maps.forwards import mel_score_fn
-from xattn_utils.maps.perturbation import (
-    MaskSampler,
-    PerturbationOptions,
-    distinct_label_maps,
-    segment_counts,
-    slic_segments,
-)
+from xattn_utils.maps.masks import MaskSampler, distinct_label_maps, segment_counts, slic_segments
+from xattn_utils.maps.perturbation import PerturbationOptions
 from xattn_utils.model.decode import decode, features
 from xattn_utils.model.loading import attention_implementation
 

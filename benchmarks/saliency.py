@@ -26,7 +26,8 @@ import xattn_utils as xu
 from xattn_utils.data import load_corpus
 from xattn_utils.maps.forwards import mel_score_fn
 from xattn_utils.maps.gradients import captum_maps, gradient_maps, token_logprobs
-from xattn_utils.maps.perturbation import PerturbationOptions, segment_counts, slic_segments
+from xattn_utils.maps.masks import segment_counts, slic_segments
+from xattn_utils.maps.perturbation import PerturbationOptions
 from xattn_utils.maps.prepare import prepare
 from xattn_utils.maps.spes import encoder_spes_run, input_spes_run
 from xattn_utils.model.loading import attention_implementation

@@ -10,7 +10,8 @@ from captum.metrics import infidelity, sensitivity_max
 
 from xattn_utils.audio import n_mel_frames
 from xattn_utils.captum import SPES, mel_forward
-from xattn_utils.maps.perturbation import PerturbationError, PerturbationOptions, segment_counts
+from xattn_utils.maps.masks import segment_counts
+from xattn_utils.maps.perturbation import PerturbationError, PerturbationOptions
 from xattn_utils.maps.prepare import prepare
 from xattn_utils.maps.spes import input_spes_run
 

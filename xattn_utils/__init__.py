@@ -51,6 +51,7 @@ MODULES = {
     "convert": "model.convert", "models": "model.loading", "decode": "model.decode",
     "forwards": "maps.forwards",
     "attention": "maps.attention", "prepare": "maps.prepare", "perturbation": "maps.perturbation",
+    "masks": "maps.masks",
     "estimators": "maps.estimators", "spes": "maps.spes", "gradients": "maps.gradients",
     "saliency": "maps.saliency", "explanation": "maps.explanation", "corpus": "maps.corpus",
     "mixing": "analysis.mixing", "distributed": "maps.distributed",

@@ -11,7 +11,7 @@ feature takes (default 0), ``feature_mask`` integer labels grouping elements int
 the drop of the target output, ``f(x)[target] - f(x_masked)[target]``; the attribution of an
 element is the mean score of the masks that occluded it (0 where none did), estimated by
 ``estimator`` from the masks' scores (:mod:`xattn_utils.maps.estimators`) under the mask
-``design`` (:class:`~xattn_utils.maps.perturbation.MaskSampler`). On Whisper the package scores a
+``design`` (:class:`~xattn_utils.maps.masks.MaskSampler`). On Whisper the package scores a
 masked forward by KL(P_orig || P_masked) per token: a forward that returns ``-KL(P_orig ||
 P(x))`` per token (:func:`mel_forward` with ``output="kl"``) makes the drop exactly that score,
 and Captum SPES gives the package's SM_X row; ``output="probability"`` gives its
@@ -20,7 +20,7 @@ and Captum SPES gives the package's SM_X row; ``output="probability"`` gives its
 **Segments.** ``feature_mask=None``: an example whose input is 2-D (e.g. a spectrogram
 (mel_frames, mel_bins) or a grey image) is cut into SLIC superpixels at each count of
 ``n_segments`` (default SPES's counts for a spectrogram of that many mel frames,
-:func:`~xattn_utils.maps.perturbation.segment_counts`); any other input makes each element its
+:func:`~xattn_utils.maps.masks.segment_counts`); any other input makes each element its
 own feature. A given ``feature_mask`` is one segmentation.
 
 **Cost.** One forward per mask, in batches of ``perturbations_per_eval`` masks, plus one clean
@@ -41,16 +41,8 @@ from captum.attr import PerturbationAttribution
 from tqdm.auto import tqdm
 
 from .maps.estimators import estimate
-from .maps.perturbation import (
-    CONTROLLED,
-    MaskSampler,
-    PerturbationError,
-    PerturbationOptions,
-    accumulate,
-    distinct_label_maps,
-    segment_counts,
-    slic_segments,
-)
+from .maps.masks import MaskSampler, distinct_label_maps, segment_counts, slic_segments
+from .maps.perturbation import CONTROLLED, PerturbationError, PerturbationOptions, accumulate
 
 Inputs = torch.Tensor | tuple[torch.Tensor, ...]
 Target = int | tuple[int, ...] | torch.Tensor | list | None

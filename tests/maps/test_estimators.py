@@ -7,12 +7,8 @@ import pytest
 import torch
 
 from xattn_utils.maps.estimators import UnitDesign, estimate, fold_maps
-from xattn_utils.maps.perturbation import (
-    ESTIMATORS,
-    MaskSampler,
-    PerturbationError,
-    PerturbationOptions,
-)
+from xattn_utils.maps.masks import MaskSampler
+from xattn_utils.maps.perturbation import ESTIMATORS, PerturbationError, PerturbationOptions
 
 T, F = 120, 12  # toy spectrogram: mel_frames x mel_bins
 

@@ -42,7 +42,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from .perturbation import ESTIMATORS, MaskSampler, PerturbationError, ridge_gcv
+from .masks import MaskSampler
+from .perturbation import ESTIMATORS, PerturbationError, ridge_gcv
 
 BIN_MEL_FRAMES = 4  # time bins of the envelope fit: 40 ms of SM_X (2 encoder frames)
 N_CROSS = 4  # cross-fitting parts of the adjusted estimators

@@ -25,18 +25,8 @@ import torch
 from ..model.loading import LoadedModel, attention_implementation
 from .estimators import fold_maps
 from .forwards import encoder_score_fn, forward_batch_size, mel_score_fn
-from .perturbation import (
-    CONTROLLED,
-    MaskSampler,
-    MaskStatistics,
-    PerturbationOptions,
-    accumulate,
-    distinct_label_maps,
-    frame_groups,
-    run_masks,
-    segment_counts,
-    slic_segments,
-)
+from .masks import MaskSampler, distinct_label_maps, frame_groups, segment_counts, slic_segments
+from .perturbation import CONTROLLED, MaskStatistics, PerturbationOptions, accumulate, run_masks
 from .prepare import Prepared
 
 
