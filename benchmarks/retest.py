@@ -26,12 +26,8 @@ import torch
 
 import xattn_utils as xu
 from xattn_utils.analysis.compare import pool_to_enc
-from xattn_utils.analysis.timestamps import (
-    match_words,
-    normalize_word,
-    normalized_words,
-    split_words,
-)
+from xattn_utils.analysis.timestamps import match_words, normalize_word, normalized_words
+from xattn_utils.analysis.timing import split_words
 from xattn_utils.audio import ENC_FRAME_SECONDS
 from xattn_utils.data import load_corpus
 from xattn_utils.maps.perturbation import ESTIMATORS, PerturbationOptions

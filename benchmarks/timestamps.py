@@ -17,7 +17,7 @@ import time
 import numpy as np
 
 import xattn_utils as xu
-from xattn_utils import aligner, calibration
+from xattn_utils import alignment, calibration, timestamp_methods
 from xattn_utils.analysis.timestamps import pool_scores, score_timings
 
 METHODS = ["whisper", "all-heads", "all-heads-refined", "select", "chars", "chars-refined"]
@@ -48,11 +48,11 @@ def main() -> None:
         audio = u.load()
         for unit in ("tokens", "chars"):
             t0 = time.perf_counter()
-            al = aligner.align_inputs(loaded, audio, unit=unit, language=language)
+            al = alignment.align_inputs(loaded, audio, unit=unit, language=language)
             t_in = time.perf_counter() - t0
-            for m in [m for m in METHODS if aligner.METHODS[m].unit == unit]:
+            for m in [m for m in METHODS if timestamp_methods.METHODS[m].unit == unit]:
                 t0 = time.perf_counter()
-                words = aligner.timings_from_alignment(al, aligner.METHODS[m])
+                words = alignment.timings_from_alignment(al, timestamp_methods.METHODS[m])
                 seconds[m] += t_in + time.perf_counter() - t0
                 scores[m].append(score_timings(words, u.words, skip_first_start=u.skip_first_start))
             if unit == "chars":

@@ -59,9 +59,11 @@ MODULES = {
     "convergence": "analysis.convergence",
     "occlusion": "analysis.occlusion", "faithfulness": "analysis.faithfulness",
     "captum_metrics": "analysis.captum_metrics",
-    "timestamps": "analysis.timestamps", "aligner": "analysis.aligner", "calibration":
-    "analysis.calibration", "timestamp_formats": "analysis.timestamp_formats", "context":
-    "analysis.context", "tables": "analysis.tables", "findings": "analysis.findings",
+    "timing": "analysis.timing", "timestamps": "analysis.timestamps",
+    "timestamp_methods": "analysis.timestamp_methods", "alignment": "analysis.alignment",
+    "calibration": "analysis.calibration", "aligner": "analysis.aligner",
+    "timestamp_formats": "analysis.timestamp_formats", "context": "analysis.context",
+    "tables": "analysis.tables", "findings": "analysis.findings",
     "plots": "viz.plots", "charts": "viz.charts", "widgets": "viz.widgets",
     "study": "report.study", "runner": "report.runner", "index": "report.index",
     "captum": "captum", "hf_datasets": "hf_datasets",

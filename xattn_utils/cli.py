@@ -222,7 +222,8 @@ def _report(args: argparse.Namespace) -> int:
 
 def _timestamps(args: argparse.Namespace) -> None:
     from . import timestamp_formats as fmt
-    from .analysis.aligner import load_calibration, word_timestamps
+    from .analysis.aligner import word_timestamps
+    from .analysis.calibration import load_calibration
     from .audio import load_audio
     from .model.loading import load_model
 

@@ -179,8 +179,10 @@ def test_s2t_planted_dependency_is_found_on_its_enc_frames(tiny_s2t):
         outside[0, :19], outside[1, 32:] = True, True
         inside = torch.zeros(1, 50, dtype=torch.bool)
         inside[0, 19:32] = True
-        assert float(score(outside).abs().max()) == 0.0  # bit-identical encoder rows
-        assert float(score(inside).min()) > 0.0
+        # the encoder rows are identical; the decoder in a batch of 2 differs by float noise only
+        effect = float(score(inside).min())
+        assert effect > 0.0
+        assert float(score(outside).abs().max()) < 2e-2 * effect, effect
         cells = torch.zeros(2, 200, 80, dtype=torch.bool)
         cells[0, :80], cells[1, 80:120, :40] = True, True  # (mel_frames, mel_bins)
         cell_scores = mel_score_fn(planted, x, tr, logits, 200)(cells)

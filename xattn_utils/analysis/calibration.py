@@ -4,15 +4,18 @@
 the fit set (share of gold boundaries within 100 ms, then 50 ms, pooled over utterances), keeps
 the top ``k`` heads (``k`` chosen on the same fit set), then sets constant start and end offsets
 to the median start and end errors of those heads. :func:`calibrate` does it for a corpus and
-returns a :class:`~xattn_utils.analysis.aligner.Calibration` (``xattn calibrate`` writes it as
-JSON). Fitted on labelled data, so score it out of sample: :func:`leave_one_out` refits without
-each utterance in turn and scores that utterance.
+returns a :class:`Calibration` (``xattn calibrate`` writes it as JSON; :func:`load_calibration`
+reads it back, or the one shipped for a bundled model). Fitted on labelled data, so score it out
+of sample: :func:`leave_one_out` refits without each utterance in turn and scores that utterance.
 """
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -20,17 +23,66 @@ from tqdm.auto import tqdm
 
 from ..maps.views import View
 from ..model.loading import LoadedModel
-from .aligner import (
-    Alignment,
-    Calibration,
-    align_inputs,
-    get_method,
-    timings_from_alignment,
-)
+from .alignment import Alignment, align_inputs, timings_from_alignment
+from .timestamp_methods import get_method
 from .timestamps import TimingScore, pool_scores, score_timings
 
 METHOD_NAMES = ("whisper", "all-heads", "all-heads-refined", "chars", "chars-refined")
 OBJECTIVE = (100.0, 50.0)  # rank by share within 100 ms, ties by share within 50 ms
+
+
+# -- calibration files ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Heads and constant offsets learned on a labelled corpus (:func:`fit_calibration`).
+
+    ``heads``: (layer, head) pairs; ``offsets``: seconds added to word starts and ends;
+    ``method``: the base method they were learned for; ``fitted_on``: utterance ids used.
+    """
+
+    model: str
+    heads: tuple[tuple[int, int], ...]
+    offsets: tuple[float, float]
+    method: str = "chars-refined"
+    fitted_on: tuple[str, ...] = ()
+    notes: str = ""
+
+    def to_json(self) -> str:
+        d = {"model": self.model, "method": self.method, "heads": [list(h) for h in self.heads]}
+        d |= {"offsets": list(self.offsets), "fitted_on": list(self.fitted_on)}
+        return json.dumps(d | {"notes": self.notes}, indent=1) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str) -> Calibration:
+        d = json.loads(text)
+        return cls(
+            model=d["model"],
+            heads=tuple((int(a), int(b)) for a, b in d["heads"]),
+            offsets=(float(d["offsets"][0]), float(d["offsets"][1])),
+            method=d.get("method", "chars-refined"),
+            fitted_on=tuple(d.get("fitted_on", ())),
+            notes=d.get("notes", ""),
+        )
+
+
+CALIBRATION_DIR = Path(__file__).resolve().parent / "calibrations"
+
+
+def load_calibration(source: LoadedModel | str | os.PathLike) -> Calibration:
+    """A calibration JSON file, or the one shipped for a bundled model (by its name)."""
+    if isinstance(source, LoadedModel):
+        source = source.name
+    path = Path(source)
+    if not path.is_file():
+        path = CALIBRATION_DIR / f"{source}.json"
+    if not path.is_file():
+        raise ValueError(
+            f"no calibration for {source!r}: learn one with `xattn calibrate --model "
+            f"{source} --data DIR` (a corpus with .words.json word boundaries)"
+        )
+    return Calibration.from_json(path.read_text(encoding="utf-8"))
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ import io
 import json
 from collections.abc import Mapping, Sequence
 
-from .timestamps import WordTiming
+from .timing import WordTiming
 
 FORMATS = ("json", "csv", "srt", "textgrid")
 

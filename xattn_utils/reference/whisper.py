@@ -5,7 +5,7 @@ so that it does not pull triton; it needs ``tiktoken``, ``numba`` and ``more-ite
 the reference word-timestamp algorithm (``whisper/timing.py``). Its model downloads weights from
 the network; :func:`build_whisper` instead fills ``whisper.model.Whisper`` with the state dict of
 one of our :class:`~xattn_utils.model.loading.LoadedModel` (same numbers, openai names) and sets its
-alignment heads, so :mod:`xattn_utils.analysis.timestamps` can be checked against it offline.
+alignment heads, so :mod:`xattn_utils.analysis.timing` can be checked against it offline.
 
 :func:`whisper_words` and :func:`whisper_comparison` put ``transcribe()``'s word timestamps next
 to ours (notebook ``04_timestamps``); without openai-whisper they say so instead of failing.
@@ -23,7 +23,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..analysis.timestamps import match_words, normalized_words, word_timings
+from ..analysis.timestamps import match_words, normalized_words
+from ..analysis.timing import word_timings
 from ..audio import N_MEL_FRAMES, N_SAMPLES, load_audio
 from ..model.loading import RANDOM_TINY, LoadedModel
 
@@ -172,7 +173,7 @@ def reference_alignment(
 ) -> list:
     """openai-whisper's ``find_alignment`` + ``merge_punctuations`` on the first window, without
     transcribe()'s heuristics: the core algorithm
-    :func:`xattn_utils.analysis.timestamps.word_timings` reproduces. Returns whisper ``WordTiming``
+    :func:`xattn_utils.analysis.timing.word_timings` reproduces. Returns whisper ``WordTiming``
     objects (words of empty text left out)."""
     _whisper()
     from whisper.timing import find_alignment, merge_punctuations

@@ -1,0 +1,87 @@
+"""alignment: head ranking, sub-frame boundaries, pauses, character rows, forced alignment."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import xattn_utils as xu
+from xattn_utils import alignment as A
+from xattn_utils import timestamp_methods as M
+from xattn_utils.maps.attention import CrossAttention
+from xattn_utils.model.decode import DecodeError
+
+BOUNDS = [5, 20, 32, 50, 70, 90]  # word k spans enc frames [BOUNDS[k], BOUNDS[k+1])
+
+
+def planted_alignment(good=(1, 1), shift: int = 0, n_frames: int = 100) -> A.Alignment:
+    """tokens unit: prompt row, 5 one-row words, eot; head ``good`` attends to the true spans
+    shifted by ``shift`` frames, every other head is noise."""
+    tokens = ["<|notimestamps|>", " a", " b", " c", " d", " e", "<|endoftext|>"]
+    rng = np.random.default_rng(0)
+    scores = rng.uniform(size=(2, 3, len(tokens), n_frames)).astype(np.float32)
+    m = np.full((len(tokens), n_frames), 1e-3, dtype=np.float32)
+    m[0] = 1.0
+    for k in range(5):
+        m[k + 1, BOUNDS[k] + shift : BOUNDS[k + 1] + shift] = 1.0
+    m[-1, BOUNDS[-1] + shift :] = 1.0
+    scores[good] = m / m.sum(-1, keepdims=True)
+    tr = xu.Transcript(
+        input_ids=tuple(range(len(tokens))), output_ids=tuple(range(1, len(tokens) + 1)),
+        tokens=tuple(tokens), special=(True, False, False, False, False, False, True),
+        text="a b c d e", task="transcribe", language="en",
+    )  # fmt: skip
+    ca = CrossAttention(torch.from_numpy(scores), tr, "planted", ((0, 0),), n_frames * 0.02)
+    owner = (-1, 0, 1, 2, 3, 4, -1)
+    return A.Alignment(ca, ("a", "b", "c", "d", "e"), owner, np.zeros(n_frames), "tokens")
+
+
+def test_rank_heads_finds_the_planted_aligned_head():
+    al = planted_alignment(good=(1, 2))
+    assert A.rank_heads(al.ca.scores, [1, 2, 3, 4, 5])[0] == (1, 2)
+    words = A.timings_from_alignment(al, M.METHODS["select"], heads=[(1, 2)])
+    assert [w.word for w in words] == [" a", " b", " c", " d", " e"]
+    starts = [w.start for w in words]  # DTW enters the first row at frame 0 (whisper too)
+    np.testing.assert_allclose(starts[1:], np.array(BOUNDS[1:5]) * 0.02, atol=0.021)
+
+
+def test_subframe_boundary_sits_where_the_rows_cross():
+    m = np.zeros((2, 10))
+    m[0, :5], m[1, 5:] = 1.0, 1.0
+    m[0, 4], m[1, 4] = 0.5, 0.3  # frame 4 mostly row 0: boundary between frames 4 and 5
+    m[0, 5], m[1, 5] = 0.2, 0.6
+    whole = A.row_starts(m, [0, 1], subframe=False)
+    sub = A.row_starts(m, [0, 1], subframe=True)
+    assert whole[1] in (4, 5) and 4.5 <= sub[1] <= 5.5 and sub[1] != whole[1]
+    assert sub[0] == 0 and sub[-1] == 10
+
+
+def test_pauses_pull_word_ends_out_of_silence():
+    silent = np.zeros(40, dtype=bool)
+    silent[12:25] = True  # a pause inside the first span
+    out = A.pull_out_of_pauses([[0, 25], [25, 40]], silent, min_frames=5)
+    assert out == [[0, 12], [25, 40]]
+    silent[:] = False
+    silent[25:28] = True  # shorter than min_frames: kept
+    assert A.pull_out_of_pauses([[25, 40]], silent, min_frames=5) == [[25, 40]]
+
+
+def test_char_ids_give_every_character_a_row(tiny):
+    ids, owner, words = A.char_ids(tiny, "Hello,  world")
+    assert words == ["Hello,", "world"]
+    assert len(ids) == len(owner) == len(" Hello, world")
+    assert owner == [-1, 0, 0, 0, 0, 0, -1, -1, 1, 1, 1, 1, 1]  # space and comma: no word
+    with pytest.raises(DecodeError, match="empty"):
+        A.char_ids(tiny, "   ")
+
+
+@pytest.mark.parametrize("unit", ["tokens", "chars"])
+def test_forced_alignment_on_the_random_model(tiny, tone, unit):
+    al = A.align_inputs(tiny, tone, unit=unit, text="hello world, fine.")
+    for method in ("whisper", "all-heads", "chars-refined"):
+        words = A.timings_from_alignment(al, M.METHODS[method], probabilities=al.probabilities)
+        assert [w.word for w in words] == [" hello", " world,", " fine."]
+        assert all(0 <= w.start <= w.end <= al.ca.duration + 1e-9 for w in words)
+        assert all(a.end <= b.start + 1e-9 for a, b in zip(words, words[1:], strict=False))
+        assert all(0 < w.probability <= 1 for w in words)
