@@ -1,4 +1,5 @@
-"""word_timestamps: long audio cut into windows at pauses, and bad input."""
+"""word_timestamps: long audio cut into windows at pauses, character transcripts too long for
+the decoder, and bad input."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import numpy as np
 import pytest
 
 from xattn_utils import aligner as W
+from xattn_utils.analysis.alignment import TranscriptTooLong, align_inputs
 from xattn_utils.audio import SAMPLE_RATE, AudioError
 from xattn_utils.cli import main
 from xattn_utils.model.decode import DecodeError
@@ -35,3 +37,27 @@ def test_bad_input_gets_clear_errors(tiny, tone):
     with pytest.raises(ValueError, match="no calibration"):
         W.word_timestamps(tiny, tone, method="calibrated")
     assert main(["timestamps", "--model", "random-tiny", "--method", "nope", "x.wav"]) == 2
+
+
+def test_character_transcripts_that_overflow_the_decoder(tiny, tone, monkeypatch):
+    """The random model babbles ~1,000 characters: a clear error, not an index error; and
+    windows whose characters overflow are halved at pauses until they fit."""
+    with pytest.raises(TranscriptTooLong, match="characters"):
+        align_inputs(tiny, tone, unit="chars")
+    real, seen = align_inputs, []
+
+    def fits_in_3_s(loaded, window, *, unit, text, language):  # tokens where a window fits
+        seen.append(window.size / SAMPLE_RATE)
+        if window.size > 3 * SAMPLE_RATE:
+            raise TranscriptTooLong("too many characters")
+        return real(loaded, window, unit="tokens", text=text, language=language)
+
+    monkeypatch.setattr(W, "align_inputs", fits_in_3_s)
+    audio = np.tile(tone, 4)  # 10 s
+    words = W.word_timestamps(tiny, audio, method="chars")
+    fitted = [s for s in seen if s <= 3]
+    assert seen[0] == pytest.approx(10.0) and sum(fitted) == pytest.approx(10.0)
+    starts = [w.start for w in words]
+    assert words[-1].end > 7.0 and starts == sorted(starts)
+    with pytest.raises(TranscriptTooLong):  # text= is never cut
+        W.word_timestamps(tiny, audio[: 5 * SAMPLE_RATE], method="chars", text="hello")

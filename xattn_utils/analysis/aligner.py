@@ -29,12 +29,18 @@ from ..audio import (
 )
 from ..model.decode import DecodeError, decode
 from ..model.loading import LoadedModel
-from .alignment import align_inputs, frame_energy_db, timings_from_alignment
+from .alignment import (
+    TranscriptTooLong,
+    align_inputs,
+    frame_energy_db,
+    timings_from_alignment,
+)
 from .calibration import Calibration, load_calibration
 from .timestamp_methods import TimestampMethod, get_method
 from .timestamps import normalize_word
 from .timing import WordTiming
 
+MIN_SPLIT_SECONDS = 2.0  # windows whose characters overflow the decoder are halved down to this
 MIN_TEXT_MATCH = 0.3  # text= must share this share of its words with the decode
 
 
@@ -89,7 +95,8 @@ def word_timestamps(
     :func:`list_timestamp_methods` (``None``: the best method that needs no labelled data,
     ``DEFAULT_METHOD``). ``language``: the spoken language (multilingual models; default
     English). ``calibration``: for ``method="calibrated"`` (default: the file shipped for the
-    model). Audio over 30 s is aligned in windows cut at pauses (not with ``text=``).
+    model). Audio over 30 s is aligned in windows cut at pauses (not with ``text=``); with a
+    character method, a window whose transcript overflows the decoder is halved at a pause.
     """
     m = get_method(method)
     audio = load_audio(audio, max_seconds=None)
@@ -110,12 +117,20 @@ def word_timestamps(
     if text is not None:
         _check_text(loaded, audio, text, language)
     out: list[WordTiming] = []
-    for a, b in zip(cuts, [*cuts[1:], audio.size], strict=True):
+    windows = list(zip(cuts, [*cuts[1:], audio.size], strict=True))
+    while windows:
+        a, b = windows.pop(0)
         window = audio[a:b]
         if text is None and len(cuts) > 1 and np.abs(window).max() < SILENCE_PEAK:
             continue
         try:
             al = align_inputs(loaded, window, unit=m.unit, text=text, language=language)
+        except TranscriptTooLong:
+            if text is not None or window.size < 2 * MIN_SPLIT_SECONDS * SAMPLE_RATE:
+                raise
+            half = split_points(window, window_s=window.size / SAMPLE_RATE / 2 + 0.5)[1]
+            windows[:0] = [(a, a + half), (a + half, b)]  # too many characters: halve it
+            continue
         except DecodeError:
             if len(cuts) == 1:
                 raise

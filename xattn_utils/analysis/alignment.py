@@ -40,6 +40,7 @@ from ..model.decode import (
     DecodeError,
     Transcript,
     decode,
+    decoder_positions,
     features,
     log_probs,
     prompt_ids,
@@ -60,6 +61,11 @@ PUNCTUATION = "".join(sorted(set(APPEND_PUNCTUATIONS + PREPEND_PUNCTUATIONS + ";
 
 
 # -- transcripts and their cross-attention -------------------------------------------------------
+
+
+class TranscriptTooLong(DecodeError):
+    """The transcript, one decoder input per character, needs more positions than the decoder
+    has (448 for Whisper: about 60-80 words)."""
 
 
 @dataclass(frozen=True)
@@ -131,6 +137,12 @@ def align_inputs(
     if unit == "chars":
         ids, owner, words = char_ids(loaded, tr.text)
         prompt = prompt_ids(loaded, language=language)
+        if len(prompt) + len(ids) + 1 > decoder_positions(loaded):
+            raise TranscriptTooLong(
+                f"the transcript has {len(ids)} characters; with its prompt the decoder holds "
+                f"{decoder_positions(loaded) - len(prompt) - 1}: align a shorter window, or use "
+                "a method on tokens"
+            )
         tr = transcript(loaded, prompt, ids, task="transcribe", language=language)
         word_of_row = [-1] * (len(prompt) - 1) + owner + [-1]
     elif unit == "tokens":

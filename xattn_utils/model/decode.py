@@ -111,7 +111,7 @@ def greedy(
     begin = blocked.clone()
     begin[[i for i in sp.suppress_begin if i < vocab]] = True
     decoder = loaded.model.model.decoder
-    max_new_tokens = min(max_new_tokens, _max_tokens(loaded) - len(prompt))
+    max_new_tokens = min(max_new_tokens, decoder_positions(loaded) - len(prompt))
     ids: list[int] = []
     step_input = torch.tensor([prompt], device=encoder_out.device)
     past = None
@@ -143,14 +143,15 @@ def encode_text(loaded: LoadedModel, text: str) -> list[int]:
         raise DecodeError(f"the tokenizer produced no tokens for {text!r}")
     if loaded.processor.tokenizer.unk_token_id in ids and loaded.processor.tokenizer.unk_token_id:
         raise DecodeError(f"the tokenizer cannot encode {text!r}")
-    if len(ids) + 4 > _max_tokens(loaded):
+    if len(ids) + 4 > decoder_positions(loaded):
         raise DecodeError(
-            f"the text has {len(ids)} tokens; the decoder holds {_max_tokens(loaded)}"
+            f"the text has {len(ids)} tokens; the decoder holds {decoder_positions(loaded)}"
         )
     return ids
 
 
-def _max_tokens(loaded: LoadedModel) -> int:
+def decoder_positions(loaded: LoadedModel) -> int:
+    """How many tokens (prompt, text and end-of-text) the decoder holds."""
     positions = getattr(loaded.model.config, "max_target_positions", MAX_TOKENS)
     return min(loaded.family.max_tokens, positions)
 
