@@ -11,17 +11,7 @@ import torch.nn.functional as F
 from xattn_utils import compare as C
 from xattn_utils.maps.views import select
 
-L, H, T, E = 3, 2, 5, 40  # layers, heads, tokens, enc_frames
-
-
-@pytest.fixture
-def rng():
-    return np.random.default_rng(0)
-
-
-@pytest.fixture
-def ca():
-    return torch.softmax(torch.randn(L, H, T, E, generator=torch.Generator().manual_seed(0)), -1)
+L, H, T, E = 3, 2, 5, 40  # layers, heads, tokens, enc_frames: the shape of conftest's ca
 
 
 @pytest.mark.parametrize("mel_frames", [80, 81])

@@ -8,17 +8,7 @@ import torch
 from xattn_utils import compare as C
 from xattn_utils import stats as S
 
-L, H, T, E = 3, 2, 5, 40  # layers, heads, tokens, enc_frames
-
-
-@pytest.fixture
-def rng():
-    return np.random.default_rng(0)
-
-
-@pytest.fixture
-def ca():
-    return torch.softmax(torch.randn(L, H, T, E, generator=torch.Generator().manual_seed(0)), -1)
+L, H, T, E = 3, 2, 5, 40  # layers, heads, tokens, enc_frames: the shape of conftest's ca
 
 
 def test_bootstrap_deterministic_and_contains_mean(rng):
