@@ -32,6 +32,22 @@ def workdir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("notebooks")
 
 
+# seconds per cell (the slowest takes about 20 here): a cell that hangs fails its test instead
+# of stalling the suite
+CELL_TIMEOUT = 300
+# the notebooks' own smoke settings (fewer tokens, fractions, groups: seconds) from their CI
+# parameter files, given to ``xattn report --set`` by the end-to-end tests
+SMOKE = {
+    k: v
+    for stem in NOTEBOOKS
+    for k, v in yaml.safe_load(
+        (ROOT / "notebooks" / "params" / f"{stem}.ci.yaml").read_text()
+    ).items()
+    if k not in report.STUDY_PARAMETERS | {"task", "language"}
+}
+SMOKE_ARGS = [a for k, v in SMOKE.items() for a in ("--set", f"{k}={json.dumps(v)}")]
+
+
 def _errors(notebook: Path) -> list[str]:
     nb = json.loads(notebook.read_text(encoding="utf-8"))
     return [
@@ -55,7 +71,7 @@ def test_notebook_runs_on_the_random_model(stem, workdir):
     params = yaml.safe_load((ROOT / "notebooks" / "params" / f"{stem}.ci.yaml").read_text())
     assert params["model"] == "random-tiny" and params["use_reference_text"] is True
     params |= {"out": str(workdir / "metrics"), "store": str(workdir / "store")}
-    executed = report.run_notebook(stem, params, workdir / f"{stem}.ipynb")
+    executed = report.run_notebook(stem, params, workdir / f"{stem}.ipynb", timeout=CELL_TIMEOUT)
     assert not _errors(executed)
     html = report.render_html(executed, workdir / f"{stem}.html")
     text = html.read_text(encoding="utf-8")
@@ -76,19 +92,22 @@ def test_a_notebook_finds_what_the_report_precomputed(tmp_path):
     [summary] = report.precompute([params["model"]], study, device=params["device"])
     keys = ResultStore(params["store"]).keys()
     assert len(summary.done) == params["n_utterances"] == len(keys)
-    executed = report.run_notebook("01_head_level", params, tmp_path / "01.ipynb")
+    executed = report.run_notebook(
+        "01_head_level", params, tmp_path / "01.ipynb", timeout=CELL_TIMEOUT
+    )
     assert not _errors(executed) and ResultStore(params["store"]).keys() == keys
 
 
 def test_xattn_report_on_random_tiny_s2t(tmp_path):
     """``xattn report`` end to end on the random Speech2Text model: every notebook works for the
     Speech2Text family too, with the index (2 utterances, 16 masks as in the notebooks' CI
-    runs: fewer leave antithetic halves empty; about 2.5 minutes on CPU)."""
+    runs: fewer leave antithetic halves empty; the notebooks' smoke settings; about 2 minutes
+    on CPU)."""
     out = tmp_path / "reports"
     cmd = [sys.executable, "-m", "xattn_utils.cli", "report", "--models", "random-tiny-s2t"]
     cmd += ["--data", "demo", "--out", str(out), "--n-utterances", "2", "--n-masks", "16"]
     cmd += ["--use-reference-text", "--store", str(tmp_path / "store"), "--device", "cpu"]
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1800)
+    done = subprocess.run(cmd + SMOKE_ARGS, cwd=ROOT, capture_output=True, text=True, timeout=1800)
     assert done.returncode == 0, done.stderr[-3000:]
     index = (out / "index.html").read_text(encoding="utf-8")
     for stem, runs in report.NOTEBOOKS.items():
@@ -107,16 +126,18 @@ def test_a_failing_cell_names_the_notebook(workdir):
 
 @pytest.mark.slow
 def test_xattn_report_on_tiny_en(tmp_path):
-    """The report command end to end on real tiny.en: 2 utterances, 16 masks (about 1.5 min);
-    run again over the same store, it recomputes nothing and says so."""
+    """The report command end to end on real tiny.en: 2 utterances, 16 masks, the notebooks'
+    smoke settings (about 3 min); run again over the same store, it recomputes nothing and
+    says so."""
     out = tmp_path / "reports"
     cmd = [sys.executable, "-m", "xattn_utils.cli", "report", "--models", "tiny.en"]
     cmd += ["--data", "demo", "--out", str(out), "--n-utterances", "2", "--n-masks", "16"]
-    cmd += ["--store", str(tmp_path / "store"), "--device", "cpu"]
+    cmd += ["--store", str(tmp_path / "store"), "--device", "cpu", *SMOKE_ARGS]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1800)
     assert done.returncode == 0, done.stderr[-3000:]
     index = (out / "index.html").read_text(encoding="utf-8")
     assert "<figure id='headline'>" in index and "<table id='findings'>" in index
+    assert "<th>max_tokens</th><td>2</td>" in index  # the --set parameters are on the index
     steps = len(report.NOTEBOOKS) + 2  # explain, each notebook, the index
     assert len(pd.read_csv(out / "metrics" / "timings.csv")) == steps + 1  # and the total
     assert f"[1/{steps}] explain tiny.en" in done.stdout and "xdg-open" in done.stdout

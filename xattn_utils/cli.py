@@ -55,6 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--use-reference-text", action="store_true", help="explain reference texts")
     p.add_argument("--store", type=Path, default=Path("out/store"), help="shared results store")
     p.add_argument("--jobs", type=int, default=1, help="notebooks run at a time (default 1)")
+    p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", type=_parameter,
+                   help="a notebook parameter in YAML, e.g. max_tokens=2 (repeatable)")  # fmt: skip
     add_distributed_args(p)
     p.set_defaults(func=_report)
 
@@ -178,9 +180,27 @@ def _explain(args: argparse.Namespace) -> int:
     return 1 if summary.failed else 0
 
 
+def _parameter(text: str) -> tuple[str, object]:
+    """``NAME=VALUE`` with VALUE read as YAML (``fractions=[0.5]``, ``gradient=null``)."""
+    import yaml
+
+    name, sep, value = text.partition("=")
+    if not sep or not name.strip().isidentifier():
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
+    try:
+        return name.strip(), yaml.safe_load(value)
+    except yaml.YAMLError as err:
+        raise argparse.ArgumentTypeError(f"{name}: not a YAML value: {value!r}") from err
+
+
 def _report(args: argparse.Namespace) -> int:
     from . import report
 
+    try:
+        parameters = report.check_parameters(list(report.NOTEBOOKS), dict(args.set))
+    except ValueError as err:
+        print(f"xattn report: error: --set: {err}", file=sys.stderr)
+        return 2
     try:
         with _client(args) as client:
             index = report.build_report(
@@ -199,6 +219,7 @@ def _report(args: argparse.Namespace) -> int:
                 client=client,
                 shard=args.shard,
                 jobs=args.jobs,
+                parameters=parameters,
             )
     except report.NotebookError as err:  # the message names the notebook and the cell
         print(f"xattn report: error: {err}", file=sys.stderr)

@@ -42,8 +42,8 @@ from .study import (  # noqa: F401  (re-exported: the notebooks call xu.report.S
 
 # names of the report's runner and index, loaded on first use (they come later in the data flow)
 _LATER = {
-    "runner": ("NOTEBOOK_DIR", "NOTEBOOKS", "NotebookError", "build_report", "kernel_name",
-               "precompute", "render_html", "run_notebook"),
+    "runner": ("NOTEBOOK_DIR", "NOTEBOOKS", "NotebookError", "build_report", "check_parameters",
+               "kernel_name", "precompute", "render_html", "run_notebook", "STUDY_PARAMETERS"),
     "index": ("write_index",),
 }  # fmt: skip
 

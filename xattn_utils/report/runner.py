@@ -15,7 +15,7 @@ import os
 import re
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -111,9 +111,16 @@ def kernel_name() -> str:
 
 
 def run_notebook(
-    stem: str, parameters: dict, output: str | Path, *, kernel: str | None = None, cwd=None
+    stem: str,
+    parameters: dict,
+    output: str | Path,
+    *,
+    kernel: str | None = None,
+    cwd=None,
+    timeout: float | None = None,
 ) -> Path:
-    """Execute ``notebooks/<stem>.ipynb`` with the ``parameters`` it declares into ``output``.
+    """Execute ``notebooks/<stem>.ipynb`` with the ``parameters`` it declares into ``output``
+    (``timeout``: seconds a cell may run, None: no limit).
 
     Raises :class:`NotebookError` naming the notebook and the failing cell.
     """
@@ -135,6 +142,7 @@ def run_notebook(
                 cwd=str(cwd or NOTEBOOK_DIR.parent),
                 progress_bar=False,
                 extra_arguments=KERNEL_ARGS,
+                execution_timeout=timeout,
             )
     except pm.PapermillExecutionError as err:
         raise NotebookError(
@@ -246,6 +254,26 @@ class Steps:
         return pd.concat([df, pd.DataFrame([total])], ignore_index=True)
 
 
+STUDY_PARAMETERS = frozenset({"model", "models", "data", "n_utterances", "method", "n_masks",
+                              "seed", "device", "use_reference_text", "store", "out",
+                              "progress", "interactive"})  # fmt: skip
+
+
+def check_parameters(stems: Sequence[str], parameters: Mapping[str, object]) -> dict:
+    """``parameters`` if each is declared by one of the notebooks ``stems`` and is not one the
+    report sets itself (model, data, masks, ...: those have their own arguments)."""
+    import papermill as pm
+
+    reserved = sorted(STUDY_PARAMETERS & set(parameters))
+    if reserved:
+        raise ValueError(f"{reserved}: set by the report's own arguments, not as parameters")
+    declared = {k for stem in stems for k in pm.inspect_notebook(NOTEBOOK_DIR / f"{stem}.ipynb")
+                if k not in STUDY_PARAMETERS}  # fmt: skip
+    if unknown := sorted(set(parameters) - declared):
+        raise ValueError(f"no notebook of the report declares {unknown}; those: {sorted(declared)}")
+    return dict(parameters)
+
+
 def notebook_step(stem: str, model: str | None, params: dict, out: Path, kernel: str) -> dict:
     """Run one notebook for ``model`` (None: for all of ``params["models"]``) and render its
     pages; returns its row of the time table."""
@@ -276,6 +304,7 @@ def build_report(
     client=None,
     shard: tuple[int, int] | None = None,
     jobs: int = 1,
+    parameters: Mapping[str, object] | None = None,
 ) -> Path | None:
     """Explain, run every notebook (``jobs`` at a time, each kernel then on one thread unless
     ``OMP_NUM_THREADS`` says otherwise), render HTML (``<stem>[.<model>].html``, with code under
@@ -284,20 +313,22 @@ def build_report(
 
     The explain step runs on the Dask ``client`` when given; with ``shard`` only that shard is
     explained and no notebook runs (returns None): run once more without it when every shard
-    is done."""
+    is done. ``parameters``: notebook parameters other than the study's (e.g. faithfulness's
+    ``max_tokens``), given to every notebook that declares them; the index lists them."""
     from ..hf_datasets import absolute_source
     from ..store import ResultStore
     from .index import write_index
 
     if not isinstance(jobs, int) or jobs < 1:
         raise ValueError(f"jobs must be a positive number of notebooks at a time, got {jobs!r}")
+    stems = list(notebooks or NOTEBOOKS)
+    parameters = check_parameters(stems, parameters or {})
     out = Path(out).resolve()
     store_path = Path(store).resolve()
     data = absolute_source(data)  # notebooks run in the repository root
     study = Study(data=data, n_utterances=n_utterances, method=method, n_masks=n_masks,
                   seed=seed, use_reference_text=use_reference_text, store=str(store_path),
                   progress=False)  # fmt: skip
-    stems = list(notebooks or NOTEBOOKS)
     runs = [
         (stem, model)
         for stem in stems
@@ -329,7 +360,7 @@ def build_report(
         "models": list(models),
         "progress": False,  # the store already holds every result: no bars in the HTML
         "interactive": False,  # static figures only: shared HTML reports hold no live widgets
-    }
+    } | parameters
     for stale in (out / "metrics").glob("*_headline.csv"):  # from an earlier run
         stale.unlink()
     kernel = kernel_name()
