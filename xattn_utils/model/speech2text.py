@@ -28,6 +28,7 @@ from .convert import save_pretrained
 from .families import family_for
 from .loading import (
     RANDOM_TINY_S2T,
+    TINY_SIZES,
     LoadedModel,
     ModelError,
     SpecialTokens,
@@ -161,13 +162,7 @@ def _random_tiny(seed: int) -> Path:
     tokenizer = train_tokenizer(_demo_texts())
     config = Speech2TextConfig(
         vocab_size=tokenizer.get_vocab_size(),
-        d_model=64,
-        encoder_layers=2,
-        decoder_layers=2,
-        encoder_attention_heads=4,
-        decoder_attention_heads=4,
-        encoder_ffn_dim=256,
-        decoder_ffn_dim=256,
+        **TINY_SIZES,
         conv_channels=128,
         conv_kernel_sizes=[5, 5],
         input_feat_per_channel=80,
