@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 DESIGNS = ("iid", "antithetic", "control", "antithetic-control")
 ESTIMATORS = (  # see xattn_utils.maps.estimators
     "mean", "grid", "grid-adjusted", "ridge", "ridge-adjusted", "bins", "bins-adjusted",
+    "lasso", "lasso-adjusted",
 )  # fmt: skip
 FILLS = ("padding", "zero", "mean")  # value of occluded spectrogram cells
 PRECISIONS = ("fp32", "bf16", "fp16")
