@@ -41,10 +41,10 @@ class SnapOptions:
     ``window_s`` away; ``dip_radius_s``: how far a shared boundary may move to an energy dip (0:
     no dip snapping)."""
 
-    silence_db: float = 30.0
+    silence_db: float = 35.0
     min_pause_s: float = 0.05
     window_s: float = 0.5
-    dip_radius_s: float = 0.06
+    dip_radius_s: float = 0.05
 
 
 def envelope_db(audio: np.ndarray) -> np.ndarray:
