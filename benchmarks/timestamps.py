@@ -20,7 +20,10 @@ import xattn_utils as xu
 from xattn_utils import alignment, calibration, timestamp_methods
 from xattn_utils.analysis.timestamps import pool_scores, score_timings
 
-METHODS = ["whisper", "all-heads", "all-heads-refined", "select", "chars", "chars-refined"]
+METHODS = [
+    "whisper", "all-heads", "all-heads-refined", "all-heads-snap", "select", "chars",
+    "chars-refined",
+]  # fmt: skip
 
 
 def row(name, scores, seconds, audio_s) -> str:

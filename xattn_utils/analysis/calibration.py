@@ -27,7 +27,9 @@ from .alignment import Alignment, align_inputs, timings_from_alignment
 from .timestamp_methods import get_method
 from .timestamps import TimingScore, pool_scores, score_timings
 
-METHOD_NAMES = ("whisper", "all-heads", "all-heads-refined", "chars", "chars-refined")
+METHOD_NAMES = (
+    "whisper", "all-heads", "all-heads-refined", "all-heads-snap", "chars", "chars-refined"
+)  # fmt: skip
 OBJECTIVE = (100.0, 50.0)  # rank by share within 100 ms, ties by share within 50 ms
 
 
