@@ -63,7 +63,7 @@ def main() -> None:
                 items.append(
                     calibration.LabelledAlignment(u.id, al, tuple(u.words), u.skip_first_start)
                 )
-    loo = calibration.leave_one_out(items)
+    loo = calibration.leave_one_out(items, snap=timestamp_methods.METHODS["calibrated"].snap)
     scores["calibrated (LOO)"] = list(loo.values())
     ref = "openai-whisper transcribe()"
     try:

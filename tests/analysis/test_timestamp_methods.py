@@ -19,3 +19,4 @@ def test_the_default_snaps_boundaries_to_the_audio():
     default = M.get_method(None)
     assert default.name == "all-heads-snap" and default.snap is not None
     assert M.METHODS["all-heads-refined"].snap is None  # the old default is kept as it was
+    assert M.METHODS["calibrated"].snap == default.snap  # learned heads, then the same snap

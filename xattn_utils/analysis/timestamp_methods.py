@@ -69,7 +69,8 @@ METHODS: dict[str, TimestampMethod] = {
         ),
         TimestampMethod(
             "calibrated", unit="chars", heads="calibrated", subframe=True, pauses=True,
-            description="chars with heads and offsets learned on a labelled corpus",
+            snap=SnapOptions(),
+            description="chars with heads and offsets learned on a labelled corpus, snapped",
         ),
     ]
 }  # fmt: skip
