@@ -41,7 +41,8 @@ ORDER = [
     "captum",
     "analysis", "analysis.compare", "analysis.stats", "analysis.convergence", "analysis.occlusion",
     "analysis.faithfulness", "analysis.captum_metrics",
-    "analysis.timing", "analysis.timestamps", "analysis.timestamp_methods", "analysis.alignment",
+    "analysis.timing", "analysis.timestamps", "analysis.boundaries", "analysis.timestamp_methods",
+    "analysis.alignment",
     "analysis.calibration", "analysis.aligner", "analysis.timestamp_formats", "analysis.mixing",
     "analysis.context", "analysis.tables", "analysis.findings",
     "reference", "reference.whisper",
@@ -55,7 +56,7 @@ MODEL_CODE -= {"maps", "maps.views", "maps.explanation"}
 # never import model code, not even lazily
 NO_MODEL_CODE = (
     "viz.plots", "viz.charts", "analysis.compare", "analysis.stats", "store", "analysis.tables",
-    "analysis.findings",
+    "analysis.findings", "analysis.boundaries",
 )  # fmt: skip
 # Imports inside a function may reach modules to the right only where declared here, with why.
 LAZY_UPSTREAM = {

@@ -1,6 +1,9 @@
-"""alignment: head ranking, sub-frame boundaries, pauses, character rows, forced alignment."""
+"""alignment: head ranking, sub-frame boundaries, pauses, snapping, character rows, forced
+alignment."""
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -9,6 +12,7 @@ import torch
 import xattn_utils as xu
 from xattn_utils import alignment as A
 from xattn_utils import timestamp_methods as M
+from xattn_utils.analysis.boundaries import envelope_db
 from xattn_utils.maps.attention import CrossAttention
 from xattn_utils.model.decode import DecodeError
 
@@ -85,3 +89,21 @@ def test_forced_alignment_on_the_random_model(tiny, tone, unit):
         assert all(0 <= w.start <= w.end <= al.ca.duration + 1e-9 for w in words)
         assert all(a.end <= b.start + 1e-9 for a, b in zip(words, words[1:], strict=False))
         assert all(0 < w.probability <= 1 for w in words)
+
+
+def test_snapped_words_end_and_start_at_a_planted_pause():
+    """The default method snaps the boundary the planted map puts at 1.0 s to the edges of a
+    pause planted at 0.9-1.2 s; no boundary lands inside the pause; same input, same times."""
+    audio = 0.1 * np.random.default_rng(1).standard_normal(2 * 16000)
+    audio[int(0.9 * 16000) : int(1.2 * 16000)] = 0
+    al = planted_alignment()
+    al = replace(al, envelope_db=envelope_db(audio))
+    method = M.get_method(None)
+    assert method.snap is not None
+    words = A.timings_from_alignment(al, method, heads=[(1, 1)])
+    assert words == A.timings_from_alignment(al, method, heads=[(1, 1)])
+    c, d = words[2], words[3]
+    assert c.end == pytest.approx(0.9, abs=0.015) and d.start == pytest.approx(1.2, abs=0.015)
+    assert not any(0.91 < t < 1.19 for w in words for t in (w.start, w.end))
+    plain = A.timings_from_alignment(al, M.METHODS["all-heads-refined"], heads=[(1, 1)])
+    assert plain[2].end == pytest.approx(1.0, abs=0.021)  # without snapping: the map's 1.0 s

@@ -13,3 +13,10 @@ def test_methods_are_named_and_unknown_ones_rejected():
     assert M.get_method(None).name == M.DEFAULT_METHOD
     with pytest.raises(ValueError, match="unknown timestamp method 'nope'"):
         M.get_method("nope")
+
+
+def test_the_default_snaps_boundaries_to_the_audio():
+    default = M.get_method(None)
+    assert default.name == "all-heads-snap" and default.snap is not None
+    assert M.METHODS["all-heads-refined"].snap is None  # the old default is kept as it was
+    assert M.METHODS["calibrated"].snap == default.snap  # learned heads, then the same snap

@@ -107,7 +107,7 @@ def word_timestamps(
     if m.heads == "calibrated":
         cal = calibration or load_calibration(loaded)
         heads, offsets = list(cal.heads), cal.offsets
-        m = replace(get_method(cal.method), name=m.name, heads="calibrated")
+        m = replace(get_method(cal.method), name=m.name, heads="calibrated", snap=m.snap)
     cuts = split_points(audio)
     if text is not None and len(cuts) > 1:
         raise AudioError(

@@ -22,7 +22,8 @@ same pipeline:
 5. optional refinements: a boundary placed between two enc frames where the two rows' scores
    cross (``subframe``, the 20 ms grid interpolated), a word end pulled back from a following
    silence and a start pushed past a leading one (``pauses``, from the audio's frame energy),
-   and constant start/end offsets (calibrated methods only).
+   constant start/end offsets (calibrated methods only), and boundaries snapped to energy dips
+   and to the edges of nearby pauses (``snap``, :mod:`xattn_utils.analysis.boundaries`).
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ from ..model.decode import (
     transcript,
 )
 from ..model.loading import LoadedModel
+from .boundaries import envelope_db, snap_boundaries
 from .timestamp_methods import TimestampMethod, Unit
 from .timing import (
     APPEND_PUNCTUATIONS,
@@ -73,7 +75,9 @@ class Alignment:
     """A transcript's cross-attention and the word each of its rows belongs to.
 
     ``word_of_row``: per output row, the index of its word in ``words`` or -1 (prompt, spaces,
-    end-of-text). ``energy_db`` shape = (enc_frames,): frame energy of the audio, dB.
+    end-of-text). ``energy_db`` shape = (enc_frames,): frame energy of the audio, dB;
+    ``envelope_db``: its loudness every 5 ms (:func:`~xattn_utils.analysis.boundaries.envelope_db`;
+    ``None``: methods with ``snap`` leave the boundaries as they are).
     """
 
     ca: CrossAttention
@@ -82,6 +86,7 @@ class Alignment:
     energy_db: np.ndarray = field(repr=False)
     unit: Unit = "tokens"
     probabilities: tuple[float, ...] | None = None  # per output row, under teacher forcing
+    envelope_db: np.ndarray | None = field(default=None, repr=False)
 
     @property
     def transcript(self) -> Transcript:
@@ -174,7 +179,7 @@ def align_inputs(
         enc_frame_seconds=dt,
     )
     energy = frame_energy_db(audio, n, frame_seconds=dt)
-    return Alignment(ca, tuple(words), tuple(word_of_row), energy, unit, probs)
+    return Alignment(ca, tuple(words), tuple(word_of_row), energy, unit, probs, envelope_db(audio))
 
 
 # -- heads ---------------------------------------------------------------------------------------
@@ -303,12 +308,15 @@ def timings_from_alignment(
         min_frames = max(1, round(method.min_pause_s / ca.enc_frame_seconds))
         frames = pull_out_of_pauses(frames, silent, min_frames=min_frames)
     dt, end_time = ca.enc_frame_seconds, ca.duration
+    seconds = [(a * dt + offsets[0], b * dt + offsets[1]) for a, b in frames]
+    if method.snap is not None and alignment.envelope_db is not None:
+        seconds = snap_boundaries(seconds, alignment.envelope_db, method.snap)
     out = []
-    for w, (a, b) in zip(order, frames, strict=True):
+    for w, (a, b) in zip(order, seconds, strict=True):
         word_rows = tuple(r for r, o in enumerate(owner) if o == w)
         p = None if probabilities is None else float(np.mean([probabilities[r] for r in word_rows]))
-        start = float(np.clip(a * dt + offsets[0], 0, end_time))
-        end = float(np.clip(b * dt + offsets[1], start, end_time))
+        start = float(np.clip(a, 0, end_time))
+        end = float(np.clip(b, start, end_time))
         tokens = tuple(ca.tokens[r] for r in word_rows)
         out.append(WordTiming(" " + alignment.words[w], start, end, tokens, word_rows, p))
     return out

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -24,10 +24,13 @@ from tqdm.auto import tqdm
 from ..maps.views import View
 from ..model.loading import LoadedModel
 from .alignment import Alignment, align_inputs, timings_from_alignment
+from .boundaries import SnapOptions
 from .timestamp_methods import get_method
 from .timestamps import TimingScore, pool_scores, score_timings
 
-METHOD_NAMES = ("whisper", "all-heads", "all-heads-refined", "chars", "chars-refined")
+METHOD_NAMES = (
+    "whisper", "all-heads", "all-heads-refined", "all-heads-snap", "chars", "chars-refined"
+)  # fmt: skip
 OBJECTIVE = (100.0, 50.0)  # rank by share within 100 ms, ties by share within 50 ms
 
 
@@ -147,16 +150,20 @@ def fit_calibration(
 
 
 def leave_one_out(
-    items: Sequence[LabelledAlignment], *, method: str = "chars-refined", max_heads: int = 8
+    items: Sequence[LabelledAlignment],
+    *,
+    method: str = "chars-refined",
+    max_heads: int = 8,
+    snap: SnapOptions | None = None,
 ) -> dict[str, TimingScore]:
-    """Out-of-sample scores: each utterance timed with a calibration fitted on all the others."""
+    """Out-of-sample scores: each utterance timed with a calibration fitted on all the others
+    (``snap``: its boundaries then snapped to the audio, as ``method="calibrated"`` does)."""
     out = {}
+    timing = replace(get_method(method), snap=snap)
     for i, item in enumerate(items):
         rest = [x for j, x in enumerate(items) if j != i]
         cal = fit_calibration(rest, model="", method=method, max_heads=max_heads)
-        words = timings_from_alignment(
-            item.alignment, get_method(method), heads=cal.heads, offsets=cal.offsets
-        )
+        words = timings_from_alignment(item.alignment, timing, heads=cal.heads, offsets=cal.offsets)
         out[item.id] = item.score(words)
     return out
 
@@ -218,7 +225,7 @@ def method_table(
     (utterance, method) shaped like :func:`~xattn_utils.analysis.timestamps.timing_table` (``map``
     is the method), so :func:`~xattn_utils.analysis.timestamps.timing_summary` gives means with
     bootstrap CIs. ``loo`` adds ``"calibrated (LOO)"``: heads and offsets refitted without each
-    utterance."""
+    utterance, boundaries snapped as ``method="calibrated"`` does."""
     units = {get_method(m).unit for m in methods} | ({"chars"} if loo else set())
     by_unit = {
         unit: labelled_alignments(
@@ -238,7 +245,9 @@ def method_table(
             x.id: x.score(timings_from_alignment(x.alignment, get_method(m))) for x in items
         }
     if loo and len(by_unit["chars"]) > 1:
-        scores["calibrated (LOO)"] = leave_one_out(by_unit["chars"])
+        scores["calibrated (LOO)"] = leave_one_out(
+            by_unit["chars"], snap=get_method("calibrated").snap
+        )
     rows = []
     for name, per_utt in scores.items():
         for uid, score in per_utt.items():
