@@ -50,6 +50,19 @@ def test_rank_heads_finds_the_planted_aligned_head():
     np.testing.assert_allclose(starts[1:], np.array(BOUNDS[1:5]) * 0.02, atol=0.021)
 
 
+def test_an_end_offset_past_the_next_start_never_makes_words_overlap():
+    """Calibrated offsets that lengthen words (end offset > start offset) make the two words of
+    a shared boundary meet halfway between their shifted times instead of overlapping."""
+    al = planted_alignment(good=(1, 2))
+    method, heads = M.METHODS["select"], [(1, 2)]
+    plain = A.timings_from_alignment(al, method, heads=heads)
+    words = A.timings_from_alignment(al, method, heads=heads, offsets=(-0.01, 0.05))
+    for a, b in zip(words, words[1:], strict=False):
+        assert a.start <= a.end <= b.start <= b.end
+    for k in range(1, len(words)):  # each shared boundary: halfway between -10 ms and +50 ms
+        assert words[k].start == pytest.approx(plain[k].start + 0.02, abs=1e-9)
+
+
 def test_subframe_boundary_sits_where_the_rows_cross():
     m = np.zeros((2, 10))
     m[0, :5], m[1, 5:] = 1.0, 1.0

@@ -308,7 +308,11 @@ def timings_from_alignment(
         min_frames = max(1, round(method.min_pause_s / ca.enc_frame_seconds))
         frames = pull_out_of_pauses(frames, silent, min_frames=min_frames)
     dt, end_time = ca.enc_frame_seconds, ca.duration
-    seconds = [(a * dt + offsets[0], b * dt + offsets[1]) for a, b in frames]
+    seconds = [[a * dt + offsets[0], b * dt + offsets[1]] for a, b in frames]
+    for prev, nxt in zip(seconds, seconds[1:], strict=False):  # an end offset past the next
+        if prev[1] > nxt[0]:  # start: the two words meet halfway (they never overlap)
+            prev[1] = nxt[0] = (prev[1] + nxt[0]) / 2
+    seconds = [(a, b) for a, b in seconds]
     if method.snap is not None and alignment.envelope_db is not None:
         seconds = snap_boundaries(seconds, alignment.envelope_db, method.snap)
     out = []
