@@ -70,10 +70,10 @@ class PerturbationOptions:
     - ``estimator``: how the SM_X map is estimated from its masks' scores (see
       :mod:`xattn_utils.maps.estimators`): ``"grid"`` (default: on tiny.en it matched the held-out
       reference as closely as about twice as many i.i.d. masks do, ``benchmarks/estimators.py``),
-      ``"ridge"``, ``"bins"``, their unbiased ``"-adjusted"`` forms, or ``"mean"`` (SPES's mean
-      over occluding masks, with ``design``). All but ``"mean"`` model the scores of i.i.d.
-      masks, so SM_X then runs i.i.d. masks (every estimator estimates the same map) and
-      ``design`` governs SM_H only. SM_H keeps the mean estimator.
+      ``"ridge"``, ``"bins"``, ``"lasso"`` (sparse), their unbiased ``"-adjusted"`` forms, or
+      ``"mean"`` (SPES's mean over occluding masks, with ``design``). All but ``"mean"`` model
+      the scores of i.i.d. masks, so SM_X then runs i.i.d. masks (every estimator estimates the
+      same map) and ``design`` governs SM_H only. SM_H keeps the mean estimator.
     - ``fill``: value of occluded spectrogram cells: ``"padding"`` (Whisper's clamp floor, the
       digital silence that pads every short utterance; default), ``"zero"`` (0 in the model's
       input space, as the SPES reference code after its normalisation) or ``"mean"``.
