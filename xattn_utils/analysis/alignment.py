@@ -48,7 +48,7 @@ from ..model.decode import (
     transcript,
 )
 from ..model.loading import LoadedModel
-from .boundaries import envelope_db, snap_boundaries
+from .boundaries import envelope_db, silent_frames, snap_boundaries
 from .timestamp_methods import TimestampMethod, Unit
 from .timing import (
     APPEND_PUNCTUATIONS,
@@ -254,11 +254,6 @@ def row_starts(matrix: np.ndarray, rows: Sequence[int], *, subframe: bool) -> np
     return np.append(starts, sub.shape[1])
 
 
-def silent_frames(energy_db: np.ndarray, silence_db: float) -> np.ndarray:
-    """Frames quieter than the utterance's loud frames (95th percentile) by ``silence_db``."""
-    return energy_db < np.percentile(energy_db, 95) - silence_db
-
-
 def pull_out_of_pauses(
     spans: list[list[float]], silent: np.ndarray, *, min_frames: int
 ) -> list[list[float]]:
@@ -312,7 +307,6 @@ def timings_from_alignment(
     for prev, nxt in zip(seconds, seconds[1:], strict=False):  # an end offset past the next
         if prev[1] > nxt[0]:  # start: the two words meet halfway (they never overlap)
             prev[1] = nxt[0] = (prev[1] + nxt[0]) / 2
-    seconds = [(a, b) for a, b in seconds]
     if method.snap is not None and alignment.envelope_db is not None:
         seconds = snap_boundaries(seconds, alignment.envelope_db, method.snap)
     out = []

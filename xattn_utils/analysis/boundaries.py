@@ -59,10 +59,15 @@ def envelope_db(audio: np.ndarray) -> np.ndarray:
     return 20 * np.log10(np.maximum(np.sqrt((frames**2).mean(1)), 1e-10))
 
 
+def silent_frames(energy_db: np.ndarray, silence_db: float) -> np.ndarray:
+    """Frames quieter than the utterance's loud frames (95th percentile) by ``silence_db``."""
+    return energy_db < np.percentile(energy_db, 95) - silence_db
+
+
 def find_pauses(envelope: np.ndarray, *, silence_db: float, min_pause_s: float) -> Spans:
-    """(start, end) seconds of the silent runs of ``envelope`` (:func:`envelope_db`) that last
-    at least ``min_pause_s``."""
-    silent = envelope < np.percentile(envelope, 95) - silence_db
+    """(start, end) seconds of the silent runs (:func:`silent_frames`) of ``envelope``
+    (:func:`envelope_db`) that last at least ``min_pause_s``."""
+    silent = silent_frames(envelope, silence_db)
     edges = np.diff(np.concatenate([[0], silent.astype(int), [0]]))
     runs = zip(np.flatnonzero(edges == 1), np.flatnonzero(edges == -1), strict=True)
     return [
