@@ -46,7 +46,8 @@ def test_character_transcripts_that_overflow_the_decoder(tiny, tone, monkeypatch
         align_inputs(tiny, tone, unit="chars")
     real, seen = align_inputs, []
 
-    def fits_in_3_s(loaded, window, *, unit, text, language):  # tokens where a window fits
+    def fits_in_3_s(loaded, window, *, unit, text, language, guide):  # tokens where it fits
+        assert not guide  # plain chars needs no token guide
         seen.append(window.size / SAMPLE_RATE)
         if window.size > 3 * SAMPLE_RATE:
             raise TranscriptTooLong("too many characters")

@@ -15,8 +15,10 @@ def test_methods_are_named_and_unknown_ones_rejected():
         M.get_method("nope")
 
 
-def test_the_default_snaps_boundaries_to_the_audio():
+def test_the_default_is_guided_chars_and_snaps_boundaries_to_the_audio():
     default = M.get_method(None)
-    assert default.name == "all-heads-snap" and default.snap is not None
-    assert M.METHODS["all-heads-refined"].snap is None  # the old default is kept as it was
+    assert default.name == "chars-guided" and default.unit == "chars"
+    assert default.guide_band_s is not None and default.snap is not None
+    assert M.METHODS["all-heads-snap"].snap == default.snap  # the old default, same snap
+    assert M.METHODS["all-heads-refined"].snap is None
     assert M.METHODS["calibrated"].snap == default.snap  # learned heads, then the same snap

@@ -108,6 +108,7 @@ def word_timestamps(
         cal = calibration or load_calibration(loaded)
         heads, offsets = list(cal.heads), cal.offsets
         m = replace(get_method(cal.method), name=m.name, heads="calibrated", snap=m.snap)
+    guided = m.guide_band_s is not None
     cuts = split_points(audio)
     if text is not None and len(cuts) > 1:
         raise AudioError(
@@ -124,7 +125,9 @@ def word_timestamps(
         if text is None and len(cuts) > 1 and np.abs(window).max() < SILENCE_PEAK:
             continue
         try:
-            al = align_inputs(loaded, window, unit=m.unit, text=text, language=language)
+            al = align_inputs(
+                loaded, window, unit=m.unit, text=text, language=language, guide=guided
+            )
         except TranscriptTooLong:
             if text is not None or window.size < 2 * MIN_SPLIT_SECONDS * SAMPLE_RATE:
                 raise

@@ -29,7 +29,7 @@ same pipeline:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -49,17 +49,22 @@ from ..model.decode import (
 )
 from ..model.loading import LoadedModel
 from .boundaries import envelope_db, silent_frames, snap_boundaries
+from .guide import Span, band_matrix, guide_spans
 from .timestamp_methods import TimestampMethod, Unit
 from .timing import (
     APPEND_PUNCTUATIONS,
     PREPEND_PUNCTUATIONS,
     WordTiming,
     dtw,
+    median_filter,
+    softmax_matrix,
     split_words,
     timing_matrix,
 )
 
 PUNCTUATION = "".join(sorted(set(APPEND_PUNCTUATIONS + PREPEND_PUNCTUATIONS + ";…")))
+# the token alignment that guides a character one (guide_band_s): every head, plain DTW
+GUIDE = TimestampMethod("guide", heads="all", aggregate="softmax", medfilt_width=3)
 
 
 # -- transcripts and their cross-attention -------------------------------------------------------
@@ -77,7 +82,9 @@ class Alignment:
     ``word_of_row``: per output row, the index of its word in ``words`` or -1 (prompt, spaces,
     end-of-text). ``energy_db`` shape = (enc_frames,): frame energy of the audio, dB;
     ``envelope_db``: its loudness every 5 ms (:func:`~xattn_utils.analysis.boundaries.envelope_db`;
-    ``None``: methods with ``snap`` leave the boundaries as they are).
+    ``None``: methods with ``snap`` leave the boundaries as they are); ``guide``: per word, its
+    (start, end) seconds in the token alignment of the same transcript (:data:`GUIDE`), or
+    ``None`` (no such word, or not computed: methods with ``guide_band_s`` run unguided).
     """
 
     ca: CrossAttention
@@ -87,6 +94,7 @@ class Alignment:
     unit: Unit = "tokens"
     probabilities: tuple[float, ...] | None = None  # per output row, under teacher forcing
     envelope_db: np.ndarray | None = field(default=None, repr=False)
+    guide: tuple[Span | None, ...] | None = None
 
     @property
     def transcript(self) -> Transcript:
@@ -133,12 +141,27 @@ def align_inputs(
     unit: Unit = "tokens",
     text: str | None = None,
     language: str | None = None,
+    guide: bool = False,
 ) -> Alignment:
     """Decode (or take ``text``), re-tokenise per ``unit`` and run one teacher-forced forward.
-    ``audio``: 16 kHz mono, at most 30 s."""
+    ``audio``: 16 kHz mono, at most 30 s. ``guide`` (characters only): also align the same
+    transcript's tokens (a second forward) and keep their word spans as ``Alignment.guide``."""
+    if unit not in ("tokens", "chars"):
+        raise ValueError(f"unit must be 'tokens' or 'chars', got {unit!r}")
     tr = decode(loaded, audio, text=text, language=language)
     if not tr.text.strip():
         raise DecodeError("the model heard no words in this audio (empty transcript)")
+    al = _teacher_forced(loaded, audio, tr, unit, language)
+    if guide and unit == "chars":
+        by_tokens = timings_from_alignment(_teacher_forced(loaded, audio, tr, "tokens"), GUIDE)
+        al = replace(al, guide=guide_spans(al.words, by_tokens))
+    return al
+
+
+def _teacher_forced(
+    loaded: LoadedModel, audio: np.ndarray, tr: Transcript, unit: Unit, language: str | None = None
+) -> Alignment:
+    """The :class:`Alignment` of transcript ``tr`` re-tokenised per ``unit``."""
     if unit == "chars":
         ids, owner, words = char_ids(loaded, tr.text)
         prompt = prompt_ids(loaded, language=language)
@@ -163,8 +186,6 @@ def align_inputs(
             for r in rows:
                 word_of_row[r] = len(words)
             words.append(text_.strip())
-    else:
-        raise ValueError(f"unit must be 'tokens' or 'chars', got {unit!r}")
     mel = features(loaded, audio)
     scores, logits = forward_attention(loaded, mel, tr)
     ids = torch.tensor([tr.output_ids], device=logits.device)
@@ -208,6 +229,21 @@ def rank_heads(scores: torch.Tensor, rows: Sequence[int]) -> list[tuple[int, int
     return [(i // n_heads, i % n_heads) for i in order]
 
 
+def rank_heads_by_norms(
+    scores: torch.Tensor, rows: Sequence[int], *, medfilt_width: int = 3
+) -> list[tuple[int, int]]:
+    """Every (layer, head), best first, by the filter of arXiv 2509.09987 (its code): the sum of
+    the row L2 norms plus the sum of the column L2 norms of the head's map on ``rows``, after the
+    median filter and softmax of :func:`~xattn_utils.analysis.timing.softmax_matrix`. Peaked rows
+    and columns that each hold one row score high. No labels: usable per utterance."""
+    w = torch.log(scores[:, :, list(rows)].float().clamp_min(1e-30))
+    w = median_filter(w, medfilt_width).softmax(-1)
+    score = (w.norm(dim=-1).sum(-1) + w.norm(dim=-2).sum(-1)).flatten()
+    order = score.argsort(descending=True, stable=True).tolist()
+    n_heads = scores.shape[1]
+    return [(i // n_heads, i % n_heads) for i in order]
+
+
 def choose_heads(
     alignment: Alignment, method: TimestampMethod, calibrated: Sequence | None = None
 ) -> list[tuple[int, int]]:
@@ -227,7 +263,11 @@ def choose_heads(
             raise ValueError(f"no calibration for {ca.model}: run xattn calibrate first")
         return [tuple(h) for h in calibrated]
     rows = [r for r, w in enumerate(alignment.word_of_row) if w >= 0]
-    return rank_heads(ca.scores, rows)[: max(1, method.top_k)]
+    if method.heads == "norms":
+        ranked = rank_heads_by_norms(ca.scores, rows, medfilt_width=method.medfilt_width)
+    else:
+        ranked = rank_heads(ca.scores, rows)
+    return ranked[: max(1, method.top_k)]
 
 
 # -- boundaries ----------------------------------------------------------------------------------
@@ -286,10 +326,16 @@ def timings_from_alignment(
     ca = alignment.ca
     heads = list(heads) if heads is not None else choose_heads(alignment, method)
     stack = ca.scores[[h[0] for h in heads], [h[1] for h in heads]]
-    matrix = timing_matrix(stack, medfilt_width=method.medfilt_width).numpy()
+    aggregate = softmax_matrix if method.aggregate == "softmax" else timing_matrix
+    matrix = aggregate(stack, medfilt_width=method.medfilt_width).numpy()
     owner, special = alignment.word_of_row, ca.special
     rows = [r for r, s in enumerate(special) if not s]  # text rows (spaces, punctuation too)
     rows += [rows[-1] + 1] if rows[-1] + 1 < len(special) else []  # eot ends the last word
+    if method.guide_band_s is not None and alignment.guide is not None:
+        matrix = band_matrix(
+            matrix, rows, owner, alignment.guide,
+            band_s=method.guide_band_s, enc_frame_seconds=ca.enc_frame_seconds,
+        )  # fmt: skip
     starts = row_starts(matrix, rows, subframe=method.subframe)
     spans: dict[int, list[float]] = {}
     for k, r in enumerate(rows):

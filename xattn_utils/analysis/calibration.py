@@ -29,7 +29,8 @@ from .timestamp_methods import get_method
 from .timestamps import TimingScore, pool_scores, score_timings
 
 METHOD_NAMES = (
-    "whisper", "all-heads", "all-heads-refined", "all-heads-snap", "chars", "chars-refined"
+    "whisper", "all-heads", "all-heads-refined", "all-heads-snap", "chars", "chars-refined",
+    "chars-guided",
 )  # fmt: skip
 OBJECTIVE = (100.0, 50.0)  # rank by share within 100 ms, ties by share within 50 ms
 
@@ -178,9 +179,11 @@ def labelled_alignments(
     cache: Callable[[str, Callable[[], Alignment]], Alignment] | None = None,
 ) -> list[LabelledAlignment]:
     """Align every utterance with gold words (transcription, English unless it says otherwise)
-    with ``method``'s unit: its greedy decode, or its reference text (``use_reference_text``).
-    ``cache(key, compute)`` may memoise the alignments."""
+    with ``method``'s unit: its greedy decode, or its reference text (``use_reference_text``);
+    guided by the token alignment when ``method`` needs it. ``cache(key, compute)`` may memoise
+    the alignments."""
     unit = get_method(method).unit
+    guide = unit == "chars" and get_method(method).guide_band_s is not None
     out = []
     for utt in tqdm(utterances, desc=f"aligning {loaded.name}", disable=not progress):
         if not utt.words:
@@ -189,9 +192,11 @@ def labelled_alignments(
 
         def compute(utt=utt, language=language) -> Alignment:
             text = utt.text if use_reference_text else None
-            return align_inputs(loaded, utt.load(), unit=unit, text=text, language=language)
+            return align_inputs(
+                loaded, utt.load(), unit=unit, text=text, language=language, guide=guide
+            )
 
-        key = f"{loaded.name}/{unit}/{utt.id}"
+        key = f"{loaded.name}/{unit}{'+guide' if guide else ''}/{utt.id}"
         al = cache(key, compute) if cache else compute()
         out.append(LabelledAlignment(utt.id, al, tuple(utt.words), utt.skip_first_start))
     if not out:
@@ -258,4 +263,4 @@ def method_table(
 
 
 def _unit_method(unit: str) -> str:
-    return "chars-refined" if unit == "chars" else "whisper"
+    return "chars-guided" if unit == "chars" else "whisper"  # chars: guided, for chars-guided

@@ -162,6 +162,26 @@ def timing_matrix(
     return median_filter(w, medfilt_width).mean(0)
 
 
+def softmax_matrix(maps: MapLike, *, medfilt_width: int = 3) -> torch.Tensor:
+    """The aggregation of "Whisper Has an Internal Word Aligner" (arXiv 2509.09987, its code):
+    median filter on the pre-softmax scores, softmax over enc frames, each head's columns scaled
+    to unit L2 norm over tokens, mean over heads.
+
+    ``maps`` shape = (heads, tokens, enc_frames) or (tokens, enc_frames): attention weights (rows
+    sum to 1). Their log is the pre-softmax score minus a per-row constant, which the median filter
+    along frames and the softmax both ignore, so the weights give the same matrix as the scores.
+    Returns (tokens, enc_frames), float32.
+    """
+    w = torch.as_tensor(maps).detach().float().cpu()
+    w = w[None] if w.ndim == 2 else w
+    if w.ndim != 3 or 0 in w.shape:
+        raise ValueError(f"need (heads, tokens, enc_frames) maps, got {tuple(w.shape)}")
+    if (w < 0).any():
+        raise ValueError("softmax_matrix needs attention weights (non-negative)")
+    w = median_filter(torch.log(w.clamp_min(1e-30)), medfilt_width).softmax(-1)
+    return (w / w.norm(dim=-2, keepdim=True).clamp_min(1e-12)).mean(0)
+
+
 def split_words(tokens: Sequence[str], special: Sequence[bool], *, on_spaces: bool = True):
     """Group tokens into words like whisper's ``split_tokens_on_spaces``: a token starts a new
     word if it is special, starts with a space or is punctuation. Returns [(word, [indices])].
