@@ -120,3 +120,33 @@ def test_snapped_words_end_and_start_at_a_planted_pause():
     assert not any(0.91 < t < 1.19 for w in words for t in (w.start, w.end))
     plain = A.timings_from_alignment(al, M.METHODS["all-heads-refined"], heads=[(1, 1)])
     assert plain[2].end == pytest.approx(1.0, abs=0.021)  # without snapping: the map's 1.0 s
+
+
+def spaced_alignment(n_frames: int = 120) -> A.Alignment:
+    """chars unit: prompt, "ab", space, "cd", eot; one clean head (0, 0): a [0, 20), b [20, 40),
+    the space [40, 60), c [60, 75), d [75, 90), eot [90, 120)."""
+    tokens = ["<|notimestamps|>", " ", "a", "b", " ", "c", "d", "<|endoftext|>"]
+    spans = [(0, 1), (0, 1), (0, 20), (20, 40), (40, 60), (60, 75), (75, 90), (90, n_frames)]
+    m = np.full((len(tokens), n_frames), 1e-3, dtype=np.float32)
+    for r, (a, b) in enumerate(spans):
+        m[r, a:b] = 1.0
+    scores = torch.from_numpy(m / m.sum(-1, keepdims=True))[None, None]
+    special = (True, False, False, False, False, False, False, True)
+    tr = xu.Transcript(
+        input_ids=tuple(range(len(tokens))), output_ids=tuple(range(1, len(tokens) + 1)),
+        tokens=tuple(tokens), special=special, text="ab cd", task="transcribe", language="en",
+    )  # fmt: skip
+    ca = CrossAttention(scores, tr, "planted", ((0, 0),), n_frames * 0.02)
+    owner = (-1, -1, 0, 0, -1, 1, 1, -1)
+    return A.Alignment(ca, ("ab", "cd"), owner, np.zeros(n_frames), "chars")
+
+
+@pytest.mark.parametrize("frac", [0.0, 0.5, 0.75, 1.0])
+def test_a_word_ends_that_far_into_the_row_after_it(frac):
+    al = spaced_alignment()
+    method = replace(M.METHODS["all-heads"], unit="chars", end_into_next_row=frac)
+    ab, cd = A.timings_from_alignment(al, method, heads=[(0, 0)])
+    assert ab.start == pytest.approx(0.0) and cd.start == pytest.approx(1.2, abs=0.021)
+    assert ab.end == pytest.approx(0.8 + frac * 0.4, abs=0.021)  # the space: [0.8, 1.2) s
+    assert cd.end == pytest.approx(1.8 + frac * 0.6, abs=0.021)  # end of text: [1.8, 2.4) s
+    assert ab.end <= cd.start

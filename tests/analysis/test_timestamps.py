@@ -60,6 +60,23 @@ def test_score_timings_unmatched_words_and_skipped_start():
     assert T.normalize_word(" Don't,") == "dont"
 
 
+def test_pooled_rate_ci_resamples_utterances_and_pairs_methods():
+    rng = np.random.default_rng(0)
+    scores = [
+        T.score_timings([wt(w.word, w.start + e, w.end - e) for w in GOLD], GOLD)
+        for e in rng.uniform(0, 0.12, size=8)
+    ]
+    est = T.pooled_rate_ci(scores, 50, n_boot=500)
+    assert est.mean == pytest.approx(T.pool_scores(scores).rates(50)[1])
+    assert est.low <= est.mean <= est.high and est.low < est.high and est.n == 8
+    same = T.pooled_rate_ci(scores, 50, baseline=scores, n_boot=200)
+    assert (same.mean, same.low, same.high) == (0.0, 0.0, 0.0)
+    perfect = [T.score_timings(GOLD, GOLD)] * 8
+    diff = T.pooled_rate_ci(perfect, 50, baseline=scores, n_boot=500)
+    assert diff.mean == pytest.approx(1 - est.mean) and diff.low > 0
+    assert T.pooled_rate_ci(scores, 50, seed=3) == T.pooled_rate_ci(scores, 50, seed=3)
+
+
 # -- corpus tables ------------------------------------------------------------------------------
 
 GOLD_DIAGONAL = [  # the words of diagonal_map(), at the times its blocks give them

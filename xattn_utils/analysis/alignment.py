@@ -22,6 +22,7 @@ same pipeline:
 5. optional refinements: a boundary placed between two enc frames where the two rows' scores
    cross (``subframe``, the 20 ms grid interpolated), a word end pulled back from a following
    silence and a start pushed past a leading one (``pauses``, from the audio's frame energy),
+   a word's end moved into the row after it (``end_into_next_row``: its space),
    constant start/end offsets (calibrated methods only), and boundaries snapped to energy dips
    and to the edges of nearby pauses (``snap``, :mod:`xattn_utils.analysis.boundaries`).
 """
@@ -342,6 +343,8 @@ def timings_from_alignment(
         if owner[r] >= 0:
             span = spans.setdefault(owner[r], [starts[k], starts[k + 1]])
             span[1] = starts[k + 1]
+            if k + 1 < len(rows) and owner[rows[k + 1]] < 0:  # the word's last row
+                span[1] += method.end_into_next_row * (starts[k + 2] - starts[k + 1])
     order = sorted(spans)
     frames = [spans[w] for w in order]
     if method.pauses:

@@ -2,7 +2,8 @@
 
 :func:`score_timings` matches predicted words (from :mod:`xattn_utils.analysis.timing`, or any
 objects with ``word, start, end``) to gold ones by normalised text and gives their boundary errors
-(:class:`TimingScore`); :func:`pool_scores` pools utterances.
+(:class:`TimingScore`); :func:`pool_scores` pools utterances and :func:`pooled_rate_ci` gives the
+pooled share within a tolerance a CI over utterances.
 
 Corpus level (notebook 04): :func:`timing_table` times every explanation's words from CA views
 and saliency maps and scores them against gold (:func:`score_timings`); :func:`timing_summary`
@@ -24,7 +25,7 @@ import pandas as pd
 
 from ..maps.views import ALIGNMENT, ALL, View, is_ca, parse
 from .compare import pool_to_enc
-from .stats import bootstrap_ci
+from .stats import Estimate, bootstrap_ci
 from .timing import TimingOptions, WordTiming, word_timings
 
 if TYPE_CHECKING:
@@ -138,6 +139,37 @@ def pool_scores(scores: Iterable[TimingScore]) -> TimingScore:
         end_errors=tuple(e for s in scores for e in s.end_errors),
         **{f: sum(getattr(s, f) for s in scores) for f in fields},
     )
+
+
+def pooled_rate_ci(
+    scores: Sequence[TimingScore],
+    tolerance_ms: float,
+    *,
+    baseline: Sequence[TimingScore] | None = None,
+    n_boot: int = 2000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> Estimate:
+    """The pooled share of gold boundaries within ``tolerance_ms`` (:func:`pool_scores`) with a
+    percentile bootstrap CI that resamples utterances (one score each); with ``baseline`` (the
+    same utterances, another method), the paired difference ``scores - baseline``."""
+    hits = [np.abs(s.errors) * 1000 <= tolerance_ms + 1e-6 for s in scores]
+    a = np.array([[h.sum(), s.n_gold] for h, s in zip(hits, scores, strict=True)], dtype=float)
+    b = None
+    if baseline is not None:
+        base = [np.abs(s.errors) * 1000 <= tolerance_ms + 1e-6 for s in baseline]
+        b = np.array([[h.sum(), s.n_gold] for h, s in zip(base, baseline, strict=True)], float)
+
+    def rate(idx: np.ndarray) -> np.ndarray:
+        out = a[idx, 0].sum(-1) / a[idx, 1].sum(-1)
+        return out if b is None else out - b[idx, 0].sum(-1) / b[idx, 1].sum(-1)
+
+    n = len(scores)
+    if n == 0:
+        return Estimate(float("nan"), float("nan"), float("nan"), 0, 0, level)
+    idx = np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
+    low, high = np.quantile(rate(idx), [(1 - level) / 2, (1 + level) / 2])
+    return Estimate(float(rate(np.arange(n))), float(low), float(high), n, 0, level)
 
 
 # -- corpus tables ------------------------------------------------------------------------------
