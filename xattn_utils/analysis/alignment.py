@@ -57,7 +57,7 @@ from .timing import (
     PREPEND_PUNCTUATIONS,
     WordTiming,
     dtw,
-    median_filter,
+    filtered_softmax,
     softmax_matrix,
     split_words,
     timing_matrix,
@@ -152,15 +152,33 @@ def align_inputs(
     tr = decode(loaded, audio, text=text, language=language)
     if not tr.text.strip():
         raise DecodeError("the model heard no words in this audio (empty transcript)")
-    al = _teacher_forced(loaded, audio, tr, unit, language)
+    n = loaded.family.n_enc_frames(audio)
+    heard = _Audio(
+        features(loaded, audio),
+        frame_energy_db(audio, n, frame_seconds=loaded.family.enc_frame_seconds),
+        envelope_db(audio),
+        duration(audio),
+    )
+    al = _teacher_forced(loaded, heard, tr, unit, language)
     if guide and unit == "chars":
-        by_tokens = timings_from_alignment(_teacher_forced(loaded, audio, tr, "tokens"), GUIDE)
+        by_tokens = timings_from_alignment(_teacher_forced(loaded, heard, tr, "tokens"), GUIDE)
         al = replace(al, guide=guide_spans(al.words, by_tokens))
     return al
 
 
+@dataclass(frozen=True)
+class _Audio:
+    """What every forward of one clip shares: its log-mel features, the frame energy (dB, shape =
+    (enc_frames,)), the 5 ms loudness envelope and the duration in seconds."""
+
+    mel: torch.Tensor
+    energy_db: np.ndarray
+    envelope_db: np.ndarray
+    seconds: float
+
+
 def _teacher_forced(
-    loaded: LoadedModel, audio: np.ndarray, tr: Transcript, unit: Unit, language: str | None = None
+    loaded: LoadedModel, heard: _Audio, tr: Transcript, unit: Unit, language: str | None = None
 ) -> Alignment:
     """The :class:`Alignment` of transcript ``tr`` re-tokenised per ``unit``."""
     if unit == "chars":
@@ -187,21 +205,20 @@ def _teacher_forced(
             for r in rows:
                 word_of_row[r] = len(words)
             words.append(text_.strip())
-    mel = features(loaded, audio)
-    scores, logits = forward_attention(loaded, mel, tr)
+    scores, logits = forward_attention(loaded, heard.mel, tr)
     ids = torch.tensor([tr.output_ids], device=logits.device)
     probs = tuple(log_probs(logits[None], ids)[0].exp().tolist())
-    n, dt = loaded.family.n_enc_frames(audio), loaded.family.enc_frame_seconds
     ca = CrossAttention(
-        scores=scores[..., :n].contiguous(),
+        scores=scores[..., : heard.energy_db.size].contiguous(),
         transcript=tr,
         model=loaded.name,
         alignment_heads=loaded.alignment_heads,
-        duration=duration(audio),
-        enc_frame_seconds=dt,
+        duration=heard.seconds,
+        enc_frame_seconds=loaded.family.enc_frame_seconds,
     )
-    energy = frame_energy_db(audio, n, frame_seconds=dt)
-    return Alignment(ca, tuple(words), tuple(word_of_row), energy, unit, probs, envelope_db(audio))
+    return Alignment(
+        ca, tuple(words), tuple(word_of_row), heard.energy_db, unit, probs, heard.envelope_db
+    )
 
 
 # -- heads ---------------------------------------------------------------------------------------
@@ -224,10 +241,7 @@ def rank_heads(scores: torch.Tensor, rows: Sequence[int]) -> list[tuple[int, int
         mono = ((rt * rr).sum(-1) / denom).clamp_min(0)
     else:
         mono = torch.ones(peak.shape)
-    score = (torch.log(peak.clamp_min(1e-12)) * mono).flatten()
-    order = score.argsort(descending=True).tolist()
-    n_heads = scores.shape[1]
-    return [(i // n_heads, i % n_heads) for i in order]
+    return _best_first(torch.log(peak.clamp_min(1e-12)) * mono)
 
 
 def rank_heads_by_norms(
@@ -237,11 +251,15 @@ def rank_heads_by_norms(
     the row L2 norms plus the sum of the column L2 norms of the head's map on ``rows``, after the
     median filter and softmax of :func:`~xattn_utils.analysis.timing.softmax_matrix`. Peaked rows
     and columns that each hold one row score high. No labels: usable per utterance."""
-    w = torch.log(scores[:, :, list(rows)].float().clamp_min(1e-30))
-    w = median_filter(w, medfilt_width).softmax(-1)
-    score = (w.norm(dim=-1).sum(-1) + w.norm(dim=-2).sum(-1)).flatten()
-    order = score.argsort(descending=True, stable=True).tolist()
-    n_heads = scores.shape[1]
+    w = filtered_softmax(scores[:, :, list(rows)], medfilt_width)
+    return _best_first(w.norm(dim=-1).sum(-1) + w.norm(dim=-2).sum(-1))
+
+
+def _best_first(score: torch.Tensor) -> list[tuple[int, int]]:
+    """(layer, head) pairs ordered by ``score`` shape = (layers, heads), largest first (ties:
+    the lower layer, then the lower head)."""
+    order = score.flatten().argsort(descending=True, stable=True).tolist()
+    n_heads = score.shape[1]
     return [(i // n_heads, i % n_heads) for i in order]
 
 

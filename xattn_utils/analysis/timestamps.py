@@ -153,12 +153,12 @@ def pooled_rate_ci(
     """The pooled share of gold boundaries within ``tolerance_ms`` (:func:`pool_scores`) with a
     percentile bootstrap CI that resamples utterances (one score each); with ``baseline`` (the
     same utterances, another method), the paired difference ``scores - baseline``."""
-    hits = [np.abs(s.errors) * 1000 <= tolerance_ms + 1e-6 for s in scores]
-    a = np.array([[h.sum(), s.n_gold] for h, s in zip(hits, scores, strict=True)], dtype=float)
-    b = None
-    if baseline is not None:
-        base = [np.abs(s.errors) * 1000 <= tolerance_ms + 1e-6 for s in baseline]
-        b = np.array([[h.sum(), s.n_gold] for h, s in zip(base, baseline, strict=True)], float)
+
+    def counts(group: Sequence[TimingScore]) -> np.ndarray:  # (utterances, [hits, gold])
+        hits = [(np.abs(s.errors) * 1000 <= tolerance_ms + 1e-6).sum() for s in group]
+        return np.array([[h, s.n_gold] for h, s in zip(hits, group, strict=True)], dtype=float)
+
+    a, b = counts(scores), None if baseline is None else counts(baseline)
 
     def rate(idx: np.ndarray) -> np.ndarray:
         out = a[idx, 0].sum(-1) / a[idx, 1].sum(-1)

@@ -178,8 +178,15 @@ def softmax_matrix(maps: MapLike, *, medfilt_width: int = 3) -> torch.Tensor:
         raise ValueError(f"need (heads, tokens, enc_frames) maps, got {tuple(w.shape)}")
     if (w < 0).any():
         raise ValueError("softmax_matrix needs attention weights (non-negative)")
-    w = median_filter(torch.log(w.clamp_min(1e-30)), medfilt_width).softmax(-1)
+    w = filtered_softmax(w, medfilt_width)
     return (w / w.norm(dim=-2, keepdim=True).clamp_min(1e-12)).mean(0)
+
+
+def filtered_softmax(weights: torch.Tensor, medfilt_width: int = 3) -> torch.Tensor:
+    """Attention weights (any shape ending in enc_frames) back to log scores, median-filtered along
+    enc frames and softmaxed again: the per-head step of :func:`softmax_matrix`, float32."""
+    w = torch.log(weights.float().clamp_min(1e-30))
+    return median_filter(w, medfilt_width).softmax(-1)
 
 
 def split_words(tokens: Sequence[str], special: Sequence[bool], *, on_spaces: bool = True):
