@@ -50,6 +50,20 @@ def test_rank_heads_finds_the_planted_aligned_head():
     np.testing.assert_allclose(starts[1:], np.array(BOUNDS[1:5]) * 0.02, atol=0.021)
 
 
+def test_rank_heads_orders_heads_without_a_monotone_trend_by_peakedness():
+    """Heads whose peaks run backwards all score 0; among them the more peaked comes first, and
+    every one comes after a head with a forward trend, however flat."""
+    rows, frames = 6, 12
+    scores = torch.full((2, 3, rows, frames), 1.0)
+    for r in range(rows):
+        scores[0, 0, r, 2 * r] += 0.2  # forward, barely peaked
+        scores[1, 1, r, frames - 1 - 2 * r] += 50.0  # backward, very peaked
+        scores[0, 2, r, frames - 1 - 2 * r] += 5.0  # backward, less peaked
+    ranked = A.rank_heads(scores, range(rows))
+    assert ranked[:3] == [(0, 0), (1, 1), (0, 2)]
+    assert ranked[3:] == [(0, 1), (1, 0), (1, 2)]  # flat maps: same score, same peak, by index
+
+
 def test_an_end_offset_past_the_next_start_never_makes_words_overlap():
     """Calibrated offsets that lengthen words (end offset > start offset) make the two words of
     a shared boundary meet halfway between their shifted times instead of overlapping."""

@@ -228,7 +228,8 @@ def rank_heads(scores: torch.Tensor, rows: Sequence[int]) -> list[tuple[int, int
     """Every (layer, head), best first, by an unsupervised alignment score of its map on
     ``rows``: peakedness (mean over rows of the row's largest share after normalising the row to
     sum 1, times the number of frames) times monotonicity (Spearman correlation of the row
-    index with the row's peak frame, floored at 0). No labels: usable per utterance."""
+    index with the row's peak frame, floored at 0); heads without a monotone trend (score 0)
+    follow, by peakedness. No labels: usable per utterance."""
     w = scores[:, :, list(rows)].float()
     w = w / w.sum(-1, keepdim=True).clamp_min(1e-30)
     peak = w.amax(-1).mean(-1) * w.shape[-1]  # (layers, heads)
@@ -241,7 +242,7 @@ def rank_heads(scores: torch.Tensor, rows: Sequence[int]) -> list[tuple[int, int
         mono = ((rt * rr).sum(-1) / denom).clamp_min(0)
     else:
         mono = torch.ones(peak.shape)
-    return _best_first(torch.log(peak.clamp_min(1e-12)) * mono)
+    return _best_first(torch.log(peak.clamp_min(1e-12)) * mono, then=peak)
 
 
 def rank_heads_by_norms(
@@ -255,12 +256,13 @@ def rank_heads_by_norms(
     return _best_first(w.norm(dim=-1).sum(-1) + w.norm(dim=-2).sum(-1))
 
 
-def _best_first(score: torch.Tensor) -> list[tuple[int, int]]:
-    """(layer, head) pairs ordered by ``score`` shape = (layers, heads), largest first (ties:
-    the lower layer, then the lower head)."""
-    order = score.flatten().argsort(descending=True, stable=True).tolist()
+def _best_first(score: torch.Tensor, then: torch.Tensor | None = None) -> list[tuple[int, int]]:
+    """(layer, head) pairs ordered by ``score`` shape = (layers, heads), largest first; ties by
+    ``then`` (same shape), largest first, then the lower layer and head."""
+    keys = [-score.flatten().double().numpy()]
+    keys = keys if then is None else [-then.flatten().double().numpy(), *keys]
     n_heads = score.shape[1]
-    return [(i // n_heads, i % n_heads) for i in order]
+    return [(int(i) // n_heads, int(i) % n_heads) for i in np.lexsort(keys)]
 
 
 def choose_heads(
