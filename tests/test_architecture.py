@@ -42,7 +42,7 @@ ORDER = [
     "analysis", "analysis.compare", "analysis.stats", "analysis.convergence", "analysis.occlusion",
     "analysis.faithfulness", "analysis.captum_metrics",
     "analysis.timing", "analysis.timestamps", "analysis.boundaries", "analysis.timestamp_methods",
-    "analysis.guide", "analysis.alignment",
+    "analysis.guide", "analysis.heads", "analysis.alignment",
     "analysis.calibration", "analysis.aligner", "analysis.timestamp_formats", "analysis.mixing",
     "analysis.context", "analysis.tables", "analysis.findings",
     "reference", "reference.whisper",
@@ -56,7 +56,7 @@ MODEL_CODE -= {"maps", "maps.views", "maps.explanation"}
 # never import model code, not even lazily
 NO_MODEL_CODE = (
     "viz.plots", "viz.charts", "analysis.compare", "analysis.stats", "store", "analysis.tables",
-    "analysis.findings", "analysis.boundaries", "analysis.guide",
+    "analysis.findings", "analysis.boundaries", "analysis.guide", "analysis.heads",
 )  # fmt: skip
 # Imports inside a function may reach modules to the right only where declared here, with why.
 LAZY_UPSTREAM = {

@@ -61,7 +61,7 @@ MODULES = {
     "captum_metrics": "analysis.captum_metrics",
     "timing": "analysis.timing", "timestamps": "analysis.timestamps",
     "timestamp_methods": "analysis.timestamp_methods", "alignment": "analysis.alignment",
-    "boundaries": "analysis.boundaries",
+    "boundaries": "analysis.boundaries", "heads": "analysis.heads", "guide": "analysis.guide",
     "calibration": "analysis.calibration", "aligner": "analysis.aligner",
     "timestamp_formats": "analysis.timestamp_formats", "context": "analysis.context",
     "tables": "analysis.tables", "findings": "analysis.findings",

@@ -12,6 +12,7 @@ import torch
 import xattn_utils as xu
 from xattn_utils import alignment as A
 from xattn_utils import timestamp_methods as M
+from xattn_utils.analysis import heads as H
 from xattn_utils.analysis.boundaries import envelope_db
 from xattn_utils.maps.attention import CrossAttention
 from xattn_utils.model.decode import DecodeError
@@ -43,7 +44,7 @@ def planted_alignment(good=(1, 1), shift: int = 0, n_frames: int = 100) -> A.Ali
 
 def test_rank_heads_finds_the_planted_aligned_head():
     al = planted_alignment(good=(1, 2))
-    assert A.rank_heads(al.ca.scores, [1, 2, 3, 4, 5])[0] == (1, 2)
+    assert H.rank_heads(al.ca.scores, [1, 2, 3, 4, 5])[0] == (1, 2)
     words = A.timings_from_alignment(al, M.METHODS["select"], heads=[(1, 2)])
     assert [w.word for w in words] == [" a", " b", " c", " d", " e"]
     starts = [w.start for w in words]  # DTW enters the first row at frame 0 (whisper too)
@@ -59,7 +60,7 @@ def test_rank_heads_orders_heads_without_a_monotone_trend_by_peakedness():
         scores[0, 0, r, 2 * r] += 0.2  # forward, barely peaked
         scores[1, 1, r, frames - 1 - 2 * r] += 50.0  # backward, very peaked
         scores[0, 2, r, frames - 1 - 2 * r] += 5.0  # backward, less peaked
-    ranked = A.rank_heads(scores, range(rows))
+    ranked = H.rank_heads(scores, range(rows))
     assert ranked[:3] == [(0, 0), (1, 1), (0, 2)]
     assert ranked[3:] == [(0, 1), (1, 0), (1, 2)]  # flat maps: same score, same peak, by index
 

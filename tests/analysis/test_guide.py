@@ -12,6 +12,7 @@ import torch
 import xattn_utils as xu
 from xattn_utils import alignment as A
 from xattn_utils import timestamp_methods as M
+from xattn_utils.analysis import heads as H
 from xattn_utils.analysis.guide import band_matrix, guide_spans
 from xattn_utils.analysis.timing import (
     WordTiming,
@@ -78,7 +79,7 @@ def test_softmax_matrix_on_weights_equals_the_papers_recipe_on_scores():
 def test_rank_heads_by_norms_puts_the_peaked_head_first():
     al = char_alignment(decoy=False)
     rows = [r for r, w in enumerate(al.word_of_row) if w >= 0]
-    assert A.rank_heads_by_norms(al.ca.scores, rows)[0] == (0, 0)
+    assert H.rank_heads_by_norms(al.ca.scores, rows)[0] == (0, 0)
     heads = A.choose_heads(al, M.METHODS["chars-guided"])
     assert heads == [(0, 0)]
 

@@ -14,7 +14,7 @@ same pipeline:
 2. its cross-attention, shape = (layers, heads, tokens, enc_frames), one teacher-forced forward;
 3. a set of heads: Whisper's alignment heads, all heads, the top ``k`` heads of *this*
    utterance ranked without labels by how peaked and monotone their token x enc-frame maps are
-   (:func:`rank_heads`), or heads learned on a labelled corpus
+   (:func:`~xattn_utils.analysis.heads.rank_heads`), or heads learned on a labelled corpus
    (:mod:`xattn_utils.analysis.calibration`);
 4. Whisper's normalisation, median filter, head mean and DTW
    (:func:`~xattn_utils.analysis.timing.timing_matrix`,
@@ -51,13 +51,13 @@ from ..model.decode import (
 from ..model.loading import LoadedModel
 from .boundaries import envelope_db, silent_frames, snap_boundaries
 from .guide import Span, band_matrix, guide_spans
+from .heads import rank_heads, rank_heads_by_norms
 from .timestamp_methods import TimestampMethod, Unit
 from .timing import (
     APPEND_PUNCTUATIONS,
     PREPEND_PUNCTUATIONS,
     WordTiming,
     dtw,
-    filtered_softmax,
     softmax_matrix,
     split_words,
     timing_matrix,
@@ -222,47 +222,6 @@ def _teacher_forced(
 
 
 # -- heads ---------------------------------------------------------------------------------------
-
-
-def rank_heads(scores: torch.Tensor, rows: Sequence[int]) -> list[tuple[int, int]]:
-    """Every (layer, head), best first, by an unsupervised alignment score of its map on
-    ``rows``: peakedness (mean over rows of the row's largest share after normalising the row to
-    sum 1, times the number of frames) times monotonicity (Spearman correlation of the row
-    index with the row's peak frame, floored at 0); heads without a monotone trend (score 0)
-    follow, by peakedness. No labels: usable per utterance."""
-    w = scores[:, :, list(rows)].float()
-    w = w / w.sum(-1, keepdim=True).clamp_min(1e-30)
-    peak = w.amax(-1).mean(-1) * w.shape[-1]  # (layers, heads)
-    argmax = w.argmax(-1).float()  # (layers, heads, rows)
-    r_time = argmax.argsort(-1).argsort(-1).float()
-    r_row = torch.arange(len(rows), dtype=torch.float32)
-    if len(rows) > 1:
-        rt, rr = r_time - r_time.mean(-1, keepdim=True), r_row - r_row.mean()
-        denom = (rt.norm(dim=-1) * rr.norm()).clamp_min(1e-12)
-        mono = ((rt * rr).sum(-1) / denom).clamp_min(0)
-    else:
-        mono = torch.ones(peak.shape)
-    return _best_first(torch.log(peak.clamp_min(1e-12)) * mono, then=peak)
-
-
-def rank_heads_by_norms(
-    scores: torch.Tensor, rows: Sequence[int], *, medfilt_width: int = 3
-) -> list[tuple[int, int]]:
-    """Every (layer, head), best first, by the filter of arXiv 2509.09987 (its code): the sum of
-    the row L2 norms plus the sum of the column L2 norms of the head's map on ``rows``, after the
-    median filter and softmax of :func:`~xattn_utils.analysis.timing.softmax_matrix`. Peaked rows
-    and columns that each hold one row score high. No labels: usable per utterance."""
-    w = filtered_softmax(scores[:, :, list(rows)], medfilt_width)
-    return _best_first(w.norm(dim=-1).sum(-1) + w.norm(dim=-2).sum(-1))
-
-
-def _best_first(score: torch.Tensor, then: torch.Tensor | None = None) -> list[tuple[int, int]]:
-    """(layer, head) pairs ordered by ``score`` shape = (layers, heads), largest first; ties by
-    ``then`` (same shape), largest first, then the lower layer and head."""
-    keys = [-score.flatten().double().numpy()]
-    keys = keys if then is None else [-then.flatten().double().numpy(), *keys]
-    n_heads = score.shape[1]
-    return [(int(i) // n_heads, int(i) % n_heads) for i in np.lexsort(keys)]
 
 
 def choose_heads(
