@@ -28,13 +28,13 @@ def rank_heads(scores: torch.Tensor, rows: Sequence[int]) -> list[tuple[int, int
     peak = w.amax(-1).mean(-1) * w.shape[-1]  # (layers, heads)
     argmax = w.argmax(-1).float()  # (layers, heads, rows)
     r_time = argmax.argsort(-1).argsort(-1).float()
-    r_row = torch.arange(len(rows), dtype=torch.float32)
+    r_row = torch.arange(len(rows), dtype=torch.float32, device=w.device)
     if len(rows) > 1:
         rt, rr = r_time - r_time.mean(-1, keepdim=True), r_row - r_row.mean()
         denom = (rt.norm(dim=-1) * rr.norm()).clamp_min(1e-12)
         mono = ((rt * rr).sum(-1) / denom).clamp_min(0)
     else:
-        mono = torch.ones(peak.shape)
+        mono = torch.ones_like(peak)
     return _best_first(torch.log(peak.clamp_min(1e-12)) * mono, then=peak)
 
 
@@ -52,7 +52,7 @@ def rank_heads_by_norms(
 def _best_first(score: torch.Tensor, then: torch.Tensor | None = None) -> list[tuple[int, int]]:
     """(layer, head) pairs ordered by ``score`` shape = (layers, heads), largest first; ties by
     ``then`` (same shape), largest first, then the lower layer and head."""
-    keys = [-score.flatten().double().numpy()]
-    keys = keys if then is None else [-then.flatten().double().numpy(), *keys]
+    keys = [-score.flatten().double().cpu().numpy()]
+    keys = keys if then is None else [-then.flatten().double().cpu().numpy(), *keys]
     n_heads = score.shape[1]
     return [(int(i) // n_heads, int(i) % n_heads) for i in np.lexsort(keys)]
