@@ -46,6 +46,11 @@ def row(name, scores, seconds, audio_s) -> str:
     )
 
 
+def score(words, u):
+    """``words`` scored against utterance ``u``'s gold words."""
+    return score_timings(words, u.words, skip_first_start=u.skip_first_start)
+
+
 def objective(scores) -> float:
     p = pool_scores(scores)
     return (p.rates(50)[1] + p.rates(100)[1]) / 2
@@ -89,16 +94,14 @@ def main() -> None:
                 t0 = time.perf_counter()
                 words = alignment.timings_from_alignment(al, timestamp_methods.METHODS[m])
                 seconds[m] += t_in + time.perf_counter() - t0
-                scores[m].append(score_timings(words, u.words, skip_first_start=u.skip_first_start))
+                scores[m].append(score(words, u))
             if unit == "chars":
                 guided = timestamp_methods.METHODS["chars-guided"]
                 for v in END_GRID:
                     words = alignment.timings_from_alignment(
                         al, replace(guided, end_into_next_row=v)
                     )
-                    by_end[v].append(
-                        score_timings(words, u.words, skip_first_start=u.skip_first_start)
-                    )
+                    by_end[v].append(score(words, u))
                 seconds[LOO_END] = seconds["chars-guided"]
                 t0 = time.perf_counter()
                 forced = alignment.align_inputs(
@@ -106,9 +109,7 @@ def main() -> None:
                 )
                 words = alignment.timings_from_alignment(forced, guided)
                 seconds[FORCED] += time.perf_counter() - t0
-                scores[FORCED].append(
-                    score_timings(words, u.words, skip_first_start=u.skip_first_start)
-                )
+                scores[FORCED].append(score(words, u))
                 seconds["calibrated (LOO)"] += t_in
                 items.append(
                     calibration.LabelledAlignment(u.id, al, tuple(u.words), u.skip_first_start)
@@ -123,9 +124,7 @@ def main() -> None:
         t0 = time.perf_counter()
         words, _ = whisper_ref.whisper_words(loaded, utts)
         seconds[ref] = time.perf_counter() - t0
-        scores[ref] = [
-            score_timings(words[u.id], u.words, skip_first_start=u.skip_first_start) for u in utts
-        ]
+        scores[ref] = [score(words[u.id], u) for u in utts]
     except ImportError as err:
         print(f"openai-whisper not compared: {err}")
     print(f"{args.model}: {len(utts)} recorded utterances, {audio_s:.1f} s of audio, CPU")

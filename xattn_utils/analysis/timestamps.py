@@ -65,10 +65,14 @@ class TimingScore:
     def bias_ms(self) -> float:
         return float(self.errors.mean() * 1000) if len(self.errors) else float("nan")
 
+    def hits(self, tolerance_ms: float) -> int:
+        """Matched boundaries within ``tolerance_ms`` of gold (inclusive)."""
+        return int((np.abs(self.errors) * 1000 <= tolerance_ms + 1e-6).sum())
+
     def rates(self, tolerance_ms: float) -> tuple[float, float, float]:
         """(precision, recall, F1) of boundaries within ``tolerance_ms`` (inclusive); recall is
         the share of gold boundaries hit."""
-        hits = int((np.abs(self.errors) * 1000 <= tolerance_ms + 1e-6).sum())
+        hits = self.hits(tolerance_ms)
         nan = float("nan")
         total = self.n_gold + self.n_predicted
         return (
@@ -155,8 +159,7 @@ def pooled_rate_ci(
     same utterances, another method), the paired difference ``scores - baseline``."""
 
     def counts(group: Sequence[TimingScore]) -> np.ndarray:  # (utterances, [hits, gold])
-        hits = [(np.abs(s.errors) * 1000 <= tolerance_ms + 1e-6).sum() for s in group]
-        return np.array([[h, s.n_gold] for h, s in zip(hits, group, strict=True)], dtype=float)
+        return np.array([[s.hits(tolerance_ms), s.n_gold] for s in group], dtype=float)
 
     a, b = counts(scores), None if baseline is None else counts(baseline)
 
